@@ -1,0 +1,186 @@
+"""One configuration object for fmcomm.
+
+Every option has a name, a type, a default and a one-line description, all listed in
+:data:`OPTIONS`. The environment variable of option ``name`` is ``FMCOMM_<NAME>``
+(upper case). An ``FMCOMM_*`` variable that names no option, or a value that does not
+parse, is a :class:`~fmcomm.errors.ConfigError`: a typo must not silently fall back to
+a default. The README's option table is generated from the same list
+(``python -m fmcomm.config``), so the two cannot drift apart.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import Any, Callable, Mapping
+
+from .errors import ConfigError
+
+ENV_PREFIX = "FMCOMM_"
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str | int) -> int:
+    """Parse a byte count such as ``4096``, ``4K``, ``64M``, ``1G`` (binary units)."""
+    if isinstance(text, int):
+        if text < 0:
+            raise ConfigError(f"size must be >= 0, got {text}")
+        return text
+    m = _SIZE_RE.match(str(text))
+    if not m:
+        raise ConfigError(f"cannot parse size {text!r}: expected an integer with an optional K/M/G/T suffix")
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+
+
+def _parse_bool(text: str | bool) -> bool:
+    if isinstance(text, bool):
+        return text
+    t = str(text).strip().lower()
+    if t in ("1", "true", "yes", "on"):
+        return True
+    if t in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"cannot parse boolean {text!r}: use 1/0, true/false, yes/no or on/off")
+
+
+def _parse_positive_float(text: str | float) -> float:
+    try:
+        v = float(text)
+    except (TypeError, ValueError):
+        raise ConfigError(f"cannot parse number {text!r}") from None
+    if not v > 0:
+        raise ConfigError(f"must be > 0, got {text!r}")
+    return v
+
+
+def _choice(*allowed: str) -> Callable[[Any], str]:
+    def parse(text: Any) -> str:
+        t = str(text).strip().lower()
+        if t not in allowed:
+            raise ConfigError(f"{text!r} is not one of {', '.join(allowed)}")
+        return t
+    parse.choices = allowed  # type: ignore[attr-defined]
+    return parse
+
+
+def _parse_algo(text: Any) -> str:
+    # Checked against the algorithm registry when a collective runs (the registry
+    # depends on the collective); here only the shape of the name.
+    t = str(text).strip().lower()
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", t):
+        raise ConfigError(f"{text!r} is not an algorithm name")
+    return t
+
+
+def _parse_positive_size(text: Any) -> int:
+    v = parse_size(text)
+    if v <= 0:
+        raise ConfigError(f"must be > 0, got {text!r}")
+    return v
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    name: str
+    default: Any
+    parse: Callable[[Any], Any]
+    doc: str
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("algo", "auto", _parse_algo,
+           "Algorithm for every collective unless a call passes `algo=`: `auto`, `ring` or `native`."),
+    Option("transport", "auto", _choice("auto", "mpi", "torch"),
+           "Engine that moves the bytes. `auto`: an existing torch.distributed group if one is "
+           "initialized, else MPI when launched by mpiexec/mpirun/srun, else torch.distributed."),
+    Option("timeout", 300.0, _parse_positive_float,
+           "Seconds any one wait (a receive, a send, a native collective) may take before "
+           "`CommTimeoutError` names the operation, its sequence number and the peer."),
+    Option("log_level", "warning", _choice("debug", "info", "warning", "error"),
+           "Level of the `fmcomm` logger."),
+    Option("segment_bytes", 1 << 20, _parse_positive_size,
+           "Messages larger than this are cut into segments of this size; each segment is reduced "
+           "as soon as it arrives, while later segments are still in flight."),
+    Option("native", "auto", _choice("auto", "on", "off"),
+           "Native CPU kernels (`fmcomm._C`). `auto`: use them when built; `on`: fail if not built; "
+           "`off`: always use the torch fallback."),
+    Option("check", True, _parse_bool,
+           "Before each collective, peers exchange a small header (operation, sequence number, "
+           "count, dtype, reduction, algorithm) so ranks that disagree get `MismatchError` instead "
+           "of a hang or a wrong result."),
+    Option("auto_ring_min_bytes", 0, parse_size,
+           "`auto` all-reduce rule: use the engine's native all-reduce where it supports the dtype "
+           "and op, unless the message is at least this many bytes, then `ring` (0 = never prefer "
+           "ring while native can run)."),
+)
+
+_BY_NAME = {o.name: o for o in OPTIONS}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    algo: str = "auto"
+    transport: str = "auto"
+    timeout: float = 300.0
+    log_level: str = "warning"
+    segment_bytes: int = 1 << 20
+    native: str = "auto"
+    check: bool = True
+    auto_ring_min_bytes: int = 0
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Config":
+        """Defaults, then ``FMCOMM_*`` variables, then explicit keyword overrides."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for key, raw in environ.items():
+            if not key.startswith(ENV_PREFIX):
+                continue
+            name = key[len(ENV_PREFIX):].lower()
+            opt = _BY_NAME.get(name)
+            if opt is None:
+                known = ", ".join(o.env for o in OPTIONS)
+                raise ConfigError(f"unknown environment variable {key}; fmcomm knows {known}")
+            try:
+                values[name] = opt.parse(raw)
+            except ConfigError as e:
+                raise ConfigError(f"{key}={raw!r}: {e}") from None
+        for name, raw in overrides.items():
+            if raw is None:
+                continue
+            opt = _BY_NAME.get(name)
+            if opt is None:
+                raise ConfigError(f"unknown option {name!r}; options are {', '.join(_BY_NAME)}")
+            try:
+                values[name] = opt.parse(raw)
+            except ConfigError as e:
+                raise ConfigError(f"option {name}={raw!r}: {e}") from None
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> "Config":
+        return Config.from_env({}, **{**dataclasses.asdict(self), **changes})
+
+
+# The dataclass defaults and OPTIONS must agree; checked at import so they cannot drift.
+assert {f.name: f.default for f in dataclasses.fields(Config)} == {o.name: o.default for o in OPTIONS}
+
+
+def markdown_table() -> str:
+    """The README's option table."""
+    rows = ["| option | environment | default | meaning |", "|---|---|---|---|"]
+    for o in OPTIONS:
+        default = o.default
+        if o.name == "segment_bytes":
+            default = "1M"
+        rows.append(f"| `{o.name}` | `{o.env}` | `{default}` | {o.doc} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

@@ -1,0 +1,62 @@
+"""The one exception tree of fmcomm.
+
+Every error fmcomm raises derives from :class:`FmcommError`. Errors raised while a
+collective runs carry the rank, the operation, its sequence number and (where one is
+involved) the peer, so a log line alone says which rank stopped where.
+"""
+from __future__ import annotations
+
+
+class FmcommError(RuntimeError):
+    """Base class of every error fmcomm raises."""
+
+
+class ConfigError(FmcommError, ValueError):
+    """An unknown option name or a value that does not parse (including FMCOMM_* variables)."""
+
+
+class InitError(FmcommError):
+    """fmcomm could not find its rank/world or start its transport."""
+
+
+class InvalidArgument(FmcommError, ValueError):
+    """A call's own arguments are wrong (dtype, layout, op, algorithm, sizes); raised before any byte moves."""
+
+
+class UnsupportedError(FmcommError):
+    """The combination asked for exists but this transport or build cannot run it."""
+
+
+class ScheduleError(FmcommError):
+    """A schedule failed validation: unmatched send/recv, a range out of bounds, an output left unwritten."""
+
+
+class CollectiveError(FmcommError):
+    """A collective failed while running; names where it stood."""
+
+    def __init__(self, message: str, *, rank: int | None = None, op: str | None = None,
+                 seq: int | None = None, peer: int | None = None):
+        where = []
+        if rank is not None:
+            where.append(f"rank {rank}")
+        if op is not None:
+            where.append(f"op {op}")
+        if seq is not None:
+            where.append(f"seq {seq}")
+        if peer is not None:
+            where.append(f"peer {peer}")
+        prefix = f"[{', '.join(where)}] " if where else ""
+        super().__init__(prefix + message)
+        self.rank, self.op, self.seq, self.peer = rank, op, seq, peer
+
+
+class CommTimeoutError(CollectiveError, TimeoutError):
+    """A send or receive did not complete within the configured timeout."""
+
+
+class MismatchError(CollectiveError):
+    """Ranks called the same collective with different arguments (size, dtype, op, algorithm, root)."""
+
+
+class TransportError(CollectiveError):
+    """The engine underneath (MPI, torch.distributed) reported an error."""

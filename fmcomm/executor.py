@@ -1,0 +1,271 @@
+"""Runs one rank's schedule over a transport. It decides nothing.
+
+Per round: post every receive, post every send, then run the local steps in order.
+A local step waits only for the receives it reads, so the reduce of a segment runs
+while later segments are still arriving. Messages longer than ``segment_bytes`` are
+cut into segments; both ends cut by the same rule, so messages match in posting order.
+
+Before the first data message each rank sends a small header (operation, sequence
+number, count, dtype, reduction, algorithm) to every peer it will send data to, and
+checks the header of every peer it receives from. Ranks that disagree get
+``MismatchError`` before any data buffer is touched; a peer that never arrives gives
+``CommTimeoutError`` naming it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+import zlib
+import torch
+
+from .dtypes import BY_CODE, DTYPES, REDOPS, DType
+from .errors import CollectiveError, CommTimeoutError, MismatchError, TransportError
+from .kernels import Reducer, finish_avg
+from .schedule import Copy, Range, RankSchedule, Recv, Reduce, Send
+from .transport.base import Transport
+
+COLLECTIVE_CODES = {"all_reduce": 1, "reduce_scatter": 2, "all_gather": 3, "broadcast": 4,
+                    "reduce": 5, "all_to_all": 6, "barrier": 7}
+_HEADER_MAGIC = 0x666D636F6D6D  # "fmcomm"
+_HEADER_FIELDS = ("magic", "seq", "collective", "algo", "count", "dtype", "op", "root")
+# MPI guarantees tags up to 32767; each operation gets two (header, data), cycling.
+_TAG_CYCLE = 8192
+
+
+def data_tag(seq: int) -> int:
+    return 2 * (seq % _TAG_CYCLE) + 2
+
+
+def header_tag(seq: int) -> int:
+    return 2 * (seq % _TAG_CYCLE) + 1
+
+
+def algo_code(name: str) -> int:
+    return zlib.crc32(name.encode())
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """What one rank was asked to do: compared across ranks by the header."""
+    collective: str
+    algo: str
+    count: int
+    dtype: DType
+    op: str
+    seq: int
+    root: int = -1
+
+    def header(self) -> torch.Tensor:
+        return torch.tensor([_HEADER_MAGIC, self.seq, COLLECTIVE_CODES[self.collective], algo_code(self.algo),
+                             self.count, self.dtype.code, REDOPS[self.op], self.root], dtype=torch.int64)
+
+    def describe_mismatch(self, theirs: list[int]) -> str | None:
+        mine = self.header().tolist()
+        diffs = []
+        for name, a, b in zip(_HEADER_FIELDS, mine, theirs):
+            if a != b:
+                if name == "dtype":
+                    a, b = BY_CODE[a].name, (BY_CODE[b].name if b in BY_CODE else b)
+                elif name == "op":
+                    inv = {v: k for k, v in REDOPS.items()}
+                    a, b = inv[a], inv.get(b, b)
+                elif name == "collective":
+                    inv = {v: k for k, v in COLLECTIVE_CODES.items()}
+                    a, b = inv[a], inv.get(b, b)
+                elif name == "algo":
+                    a, b = self.algo, "another algorithm"
+                diffs.append(f"{name} {b} (this rank: {a})")
+        return ", ".join(diffs) if diffs else None
+
+
+# ------------------------------------------------------------- compiled rounds
+
+@dataclasses.dataclass(frozen=True)
+class _Msg:
+    peer: int
+    buf: str
+    offset: int  # elements
+    count: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Local:
+    kind: str  # "reduce" or "copy"
+    dst: Range
+    a: Range
+    b: Range | None
+    deps: tuple[int, ...]  # indices of receive messages that must have landed
+
+
+@dataclasses.dataclass(frozen=True)
+class _Round:
+    recvs: tuple[_Msg, ...]
+    sends: tuple[_Msg, ...]
+    locals: tuple[_Local, ...]
+
+
+def _segments(peer: int, r: Range, seg: int) -> list[_Msg]:
+    return [_Msg(peer, r.buf, r.offset + o, min(seg, r.count - o)) for o in range(0, r.count, seg)]
+
+
+def _same_memory(a: str, b: str) -> bool:
+    return a == b or {a, b} == {"input", "output"}
+
+
+def _deps(rng: Range, recvs: list[_Msg]) -> tuple[int, ...]:
+    return tuple(i for i, m in enumerate(recvs)
+                 if _same_memory(m.buf, rng.buf) and m.offset < rng.end and rng.offset < m.offset + m.count)
+
+
+def compile_rounds(rs: RankSchedule, itemsize: int, segment_bytes: int) -> tuple[_Round, ...]:
+    seg = max(1, segment_bytes // itemsize)
+    out = []
+    for rnd in rs.rounds:
+        recvs = [m for s in rnd if isinstance(s, Recv) for m in _segments(s.peer, s.dst, seg)]
+        sends = [m for s in rnd if isinstance(s, Send) for m in _segments(s.peer, s.src, seg)]
+        locals_: list[_Local] = []
+        for s in rnd:
+            if isinstance(s, Reduce):
+                # A reduce reading one received message exactly runs segment by segment.
+                fed = next((r for r in (s.a, s.b) if any(
+                    isinstance(x, Recv) and x.dst == r for x in rnd)), None)
+                if fed is not None:
+                    for o in range(0, s.dst.count, seg):
+                        n = min(seg, s.dst.count - o)
+                        part = lambda r: Range(r.buf, r.offset + o, n)  # noqa: E731
+                        a, b = part(s.a), part(s.b)
+                        locals_.append(_Local("reduce", part(s.dst), a, b, _deps(a, recvs) + _deps(b, recvs)))
+                else:
+                    locals_.append(_Local("reduce", s.dst, s.a, s.b, _deps(s.a, recvs) + _deps(s.b, recvs)))
+            elif isinstance(s, Copy):
+                locals_.append(_Local("copy", s.dst, s.src, None, _deps(s.src, recvs)))
+        out.append(_Round(tuple(recvs), tuple(sends), tuple(locals_)))
+    return tuple(out)
+
+
+# ------------------------------------------------------------------ execution
+
+class Executor:
+    def __init__(self, transport: Transport, timeout: float, check: bool):
+        self.transport, self.timeout, self.check = transport, timeout, check
+        self._scratch: torch.Tensor | None = None
+
+    # --- helpers that turn transport failures into errors that say where
+    def _wait(self, reqs: list, call: Call, peer: int | None, what: str) -> None:
+        try:
+            ok = self.transport.wait(reqs, time.monotonic() + self.timeout)
+        except CollectiveError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the engine's own exception types vary
+            raise TransportError(f"{self.transport.name}: {what} failed: {e}", rank=self.transport.rank,
+                                 op=call.collective, seq=call.seq, peer=peer) from e
+        if not ok:
+            raise CommTimeoutError(f"{what} did not complete within {self.timeout:g} s "
+                                   f"(FMCOMM_TIMEOUT); the peer may have died or skipped this call",
+                                   rank=self.transport.rank, op=call.collective, seq=call.seq, peer=peer)
+
+    def _post(self, fn, peer: int, buf: torch.Tensor, tag: int, call: Call):
+        try:
+            return fn(peer, buf, tag)
+        except CollectiveError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise TransportError(f"{self.transport.name}: posting a message failed: {e}", rank=self.transport.rank,
+                                 op=call.collective, seq=call.seq, peer=peer) from e
+
+    def scratch(self, count: int, like: torch.Tensor) -> torch.Tensor:
+        nbytes = count * like.element_size()
+        s = self._scratch
+        if s is None or s.numel() < nbytes or s.device != like.device:
+            s = self._scratch = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=like.device)
+        return s[:nbytes].view(like.dtype)
+
+    # --- argument agreement
+    def exchange_headers(self, call: Call, send_to: set[int], recv_from: set[int]) -> None:
+        if not self.check or (not send_to and not recv_from):
+            return
+        mine = call.header()
+        tag = header_tag(call.seq)
+        t = self.transport
+        theirs = {p: torch.zeros(len(_HEADER_FIELDS), dtype=torch.int64) for p in sorted(recv_from)}
+        recvs = {p: self._post(t.irecv, p, buf.view(torch.uint8), tag, call) for p, buf in theirs.items()}
+        sends = [self._post(t.isend, p, mine.view(torch.uint8), tag, call) for p in sorted(send_to)]
+        for p, req in recvs.items():
+            self._wait([req], call, p, "argument header from peer")
+            diff = call.describe_mismatch(theirs[p].tolist())
+            if diff:
+                raise MismatchError(f"peer called {call.collective} differently: {diff}",
+                                    rank=t.rank, op=call.collective, seq=call.seq, peer=p)
+        self._wait(sends, call, None, "argument header send")
+
+    def check_native(self, call: Call) -> None:
+        """Agreement check for native collectives: one small all-reduce of (h, -h) with MAX."""
+        if not self.check or self.transport.world == 1:
+            return
+        h = call.header()
+        both = torch.cat([h, -h])
+        req = self.transport.native_all_reduce(both, both, DTYPES["int64"], "max")
+        self._wait([req], call, None, "native argument check")
+        hi, lo = both[: len(h)].tolist(), [-x for x in both[len(h):].tolist()]
+        diffs = [f"{name} ranges from {l} to {u}" for name, l, u in zip(_HEADER_FIELDS, lo, hi) if l != u]
+        if diffs:
+            raise MismatchError(f"ranks called {call.collective} differently: {', '.join(diffs)}",
+                                rank=self.transport.rank, op=call.collective, seq=call.seq)
+
+    # --- the two ways to run a collective
+    def run_schedule(self, call: Call, rs: RankSchedule, rounds: tuple[_Round, ...],
+                     inp: torch.Tensor, out: torch.Tensor, reducer: Reducer) -> None:
+        send_to, recv_from = rs.peers()
+        self.exchange_headers(call, send_to, recv_from)
+        bufs = {"input": inp, "output": out, "scratch": self.scratch(rs.scratch_count, out)}
+        raw = {k: v.view(torch.uint8) for k, v in bufs.items()}
+        isz = out.element_size()
+        tag = data_tag(call.seq)
+        t = self.transport
+
+        def data(rng: Range) -> torch.Tensor:
+            return bufs[rng.buf][rng.offset:rng.end]
+
+        def raw_of(m: _Msg) -> torch.Tensor:
+            return raw[m.buf][m.offset * isz:(m.offset + m.count) * isz]
+
+        for rnd in rounds:
+            rreqs = [self._post(t.irecv, m.peer, raw_of(m), tag, call) for m in rnd.recvs]
+            sreqs = [self._post(t.isend, m.peer, raw_of(m), tag, call) for m in rnd.sends]
+            landed = [False] * len(rreqs)
+            for loc in rnd.locals:
+                for i in loc.deps:
+                    if not landed[i]:
+                        self._wait([rreqs[i]], call, rnd.recvs[i].peer, "receive")
+                        landed[i] = True
+                if loc.kind == "reduce":
+                    reducer(data(loc.dst), data(loc.a), data(loc.b))
+                else:
+                    d, s = data(loc.dst), data(loc.a)
+                    if d.data_ptr() != s.data_ptr():
+                        d.copy_(s)
+            for i, req in enumerate(rreqs):
+                if not landed[i]:
+                    self._wait([req], call, rnd.recvs[i].peer, "receive")
+            if sreqs:
+                peer = rnd.sends[0].peer if len({m.peer for m in rnd.sends}) == 1 else None
+                self._wait(sreqs, call, peer, "send")
+        if call.op == "avg":
+            finish_avg(out, t.world)
+
+    def run_native(self, call: Call, inp: torch.Tensor, out: torch.Tensor) -> None:
+        self.check_native(call)
+        if call.count:
+            try:
+                req = self.transport.native_all_reduce(inp, out, call.dtype, call.op)
+            except CollectiveError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                raise TransportError(f"{self.transport.name}: native all-reduce failed: {e}",
+                                     rank=self.transport.rank, op=call.collective, seq=call.seq) from e
+            self._wait([req], call, None, "native all-reduce")
+        elif inp.data_ptr() != out.data_ptr():
+            out.copy_(inp)
+        if call.op == "avg":
+            finish_avg(out, self.transport.world)
+

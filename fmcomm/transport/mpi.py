@@ -1,0 +1,103 @@
+"""MPI through mpi4py.
+
+CPU tensors go to MPI as NumPy views of their memory (no copy). CUDA tensors go as
+themselves (mpi4py reads ``__cuda_array_interface__``) where the MPI library says it is
+CUDA-aware, and are refused otherwise. Requests are polled with ``Testall`` so that a
+wait can end at a deadline: MPI's own waits cannot time out.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Sequence
+
+import torch
+
+from ..dtypes import DType
+from ..errors import InitError, UnsupportedError
+from .base import Transport
+
+try:
+    from mpi4py import MPI
+    MPI_IMPORT_ERROR: str | None = None
+except ImportError as e:  # MPI is an optional extra
+    MPI = None
+    MPI_IMPORT_ERROR = str(e)
+
+# Polls without yielding before the waiter starts calling sched_yield: the first
+# polls catch messages already on their way, yielding afterwards lets an
+# oversubscribed peer (more ranks than cores) run and send.
+_SPIN_POLLS = 200
+
+
+def _buffer(t: torch.Tensor):
+    return t.numpy() if t.device.type == "cpu" else t
+
+
+class MPITransport(Transport):
+    name = "mpi"
+
+    def __init__(self, comm=None):
+        if MPI is None:
+            raise InitError(f"transport 'mpi' needs mpi4py ({MPI_IMPORT_ERROR}); pip install mpi4py mpich")
+        base = MPI.COMM_WORLD if comm is None else comm
+        # A private communicator: fmcomm's messages never match the caller's.
+        self.comm = base.Dup()
+        self.rank, self.world = self.comm.Get_rank(), self.comm.Get_size()
+        self.cuda_aware = self._query_cuda_aware()
+        self._ops = {"sum": MPI.SUM, "prod": MPI.PROD, "min": MPI.MIN, "max": MPI.MAX}
+        self._types = {
+            "float32": MPI.FLOAT, "float64": MPI.DOUBLE, "int32": MPI.INT32_T, "int64": MPI.INT64_T,
+            "float16": getattr(MPI, "FLOAT16_T", MPI.DATATYPE_NULL),
+            "bfloat16": getattr(MPI, "BFLOAT16_T", MPI.DATATYPE_NULL),
+        }
+
+    @staticmethod
+    def _query_cuda_aware() -> bool:
+        query = getattr(MPI, "Query_cuda_support", None)
+        try:
+            return bool(query()) if query else False
+        except Exception:  # noqa: BLE001 - an MPI without the query is not CUDA-aware for us
+            return False
+
+    def _check_device(self, t: torch.Tensor) -> None:
+        if t.device.type != "cpu" and not self.cuda_aware:
+            raise UnsupportedError(f"MPI library is not CUDA-aware; cannot move a {t.device} tensor "
+                                   f"(use FMCOMM_TRANSPORT=torch for NCCL)")
+
+    def isend(self, peer: int, buf: torch.Tensor, tag: int) -> Any:
+        self._check_device(buf)
+        return self.comm.Isend([_buffer(buf), MPI.BYTE], peer, tag)
+
+    def irecv(self, peer: int, buf: torch.Tensor, tag: int) -> Any:
+        self._check_device(buf)
+        return self.comm.Irecv([_buffer(buf), MPI.BYTE], peer, tag)
+
+    def wait(self, requests: Sequence[Any], deadline: float) -> bool:
+        if not requests:
+            return True
+        reqs = list(requests)
+        polls = 0
+        while not MPI.Request.Testall(reqs):
+            polls += 1
+            if polls > _SPIN_POLLS:
+                os.sched_yield()
+                if polls % 64 == 0 and time.monotonic() > deadline:
+                    return False
+        return True
+
+    def supports_native(self, collective: str, dtype: DType, op: str, device: str) -> bool:
+        if collective != "all_reduce" or (device != "cpu" and not self.cuda_aware):
+            return False
+        return self._types[dtype.name] != MPI.DATATYPE_NULL and op in ("sum", "avg", "prod", "min", "max")
+
+    def native_all_reduce(self, inp: torch.Tensor, out: torch.Tensor, dtype: DType, op: str) -> Any:
+        mpi_type = self._types[dtype.name]
+        recv = [_buffer(out.view(torch.uint8)), out.numel(), mpi_type]
+        send = MPI.IN_PLACE if inp.data_ptr() == out.data_ptr() else [_buffer(inp.view(torch.uint8)), inp.numel(), mpi_type]
+        return self.comm.Iallreduce(send, recv, self._ops["sum" if op == "avg" else op])
+
+    def close(self) -> None:
+        if self.comm is not None and MPI is not None and not MPI.Is_finalized():
+            self.comm.Free()
+        self.comm = None
