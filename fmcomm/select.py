@@ -2,11 +2,10 @@
 
 For now one documented rule (the tuner of a later issue replaces it with measured
 tables): use the engine's native all-reduce wherever it supports the dtype and op,
-because on one box it is what every fmcomm schedule is measured against and it has
-no Python overhead per message; use ``ring`` where the engine cannot (MPI has no
-bfloat16 sum, for example), and also from ``auto_ring_min_bytes`` up when that
-option is set (its default, 0, means never). Thresholds live in the configuration,
-not here.
+because for small messages its per-message overhead is far below ours; use ``ring`` where the engine cannot (MPI has no
+bfloat16 sum, for example), and from ``auto_ring_min_bytes`` up, where ring's
+bandwidth-optimal schedule beat the engine's all-reduce in our benchmark. The
+threshold lives in the configuration, not here.
 """
 from __future__ import annotations
 

@@ -1,0 +1,1 @@
+"""The benchmark harness (``fmcomm bench``): one harness, one descriptor per collective."""

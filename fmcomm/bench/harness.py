@@ -1,0 +1,293 @@
+"""The benchmark harness behind ``fmcomm bench``.
+
+Every rank runs this; rank 0 prints. For each message size and each implementation
+(fmcomm with each requested algorithm, and the peers: MPI's own collective through
+mpi4py, torch.distributed's over gloo) it times ``iters`` calls after ``warmup``,
+out of place and in place. Each call is timed on every rank between barriers; the
+reported time is the median over iterations of the slowest rank's time. All
+implementations run in the same invocation, so their ratios are fair on a noisy box.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import socket
+import statistics
+import sys
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .. import api
+from ..dtypes import DType, dtype_of
+from ..errors import FmcommError, UnsupportedError
+from .collectives import COLLECTIVES, Collective
+
+
+@dataclasses.dataclass
+class BenchArgs:
+    collective: str
+    min_bytes: int
+    max_bytes: int
+    factor: int
+    dtype: str = "float32"
+    op: str = "sum"
+    algos: tuple[str, ...] = ("auto",)
+    peers: tuple[str, ...] = ()
+    transport: str = "mpi"
+    check: bool = False
+    iters: int = 20
+    warmup: int = 5
+    json_path: str | None = None
+
+
+@dataclasses.dataclass
+class Row:
+    impl: str
+    algo: str
+    nbytes: int
+    count: int
+    times_us: dict[bool, float]  # inplace -> median slowest-rank time
+    wrong: dict[bool, int | None]
+    note: str = ""
+
+
+def sizes(a: BenchArgs) -> list[int]:
+    out, s = [], a.min_bytes
+    while s <= a.max_bytes:
+        out.append(s)
+        if a.factor <= 1:
+            break
+        s *= a.factor
+    return out
+
+
+class Control:
+    """Out-of-band synchronisation for timing: barriers and reductions of timings via MPI."""
+
+    def __init__(self):
+        from mpi4py import MPI
+        self.MPI = MPI
+        self.comm = MPI.COMM_WORLD.Dup()
+        self.rank, self.world = self.comm.Get_rank(), self.comm.Get_size()
+
+    def barrier(self) -> None:
+        self.comm.Barrier()
+
+    def slowest(self, times: list[float]) -> list[float]:
+        a = np.asarray(times, dtype=np.float64)
+        out = np.empty_like(a)
+        self.comm.Allreduce(a, out, op=self.MPI.MAX)
+        return out.tolist()
+
+    def total(self, n: int) -> int:
+        return self.comm.allreduce(n, op=self.MPI.SUM)
+
+
+# ------------------------------------------------------------ implementations
+# Each maker returns run(inp, out, inplace) or raises UnsupportedError.
+
+def _fmcomm_runner(comm, algo: str, op: str) -> Callable:
+    def run(inp, out, inplace):
+        if inplace:
+            comm.all_reduce(out, op=op, algo=algo)
+        else:
+            comm.all_reduce(inp, op=op, algo=algo, output=out)
+    return run
+
+
+_MPI_TYPES = {"float32": "FLOAT", "float64": "DOUBLE", "int32": "INT32_T", "int64": "INT64_T", "float16": "FLOAT16_T"}
+
+
+def _mpi_runner(ctl: Control, dtype: DType, op: str) -> Callable:
+    MPI = ctl.MPI
+    tname = _MPI_TYPES.get(dtype.name)
+    if tname is None or getattr(MPI, tname, MPI.DATATYPE_NULL) == MPI.DATATYPE_NULL:
+        raise UnsupportedError(f"MPI has no {dtype.name} type here")
+    mtype = getattr(MPI, tname)
+    mop = {"sum": MPI.SUM, "avg": MPI.SUM, "prod": MPI.PROD, "min": MPI.MIN, "max": MPI.MAX}[op]
+    comm = ctl.comm
+
+    def run(inp, out, inplace):
+        rb = [out.view(torch.uint8).numpy(), out.numel(), mtype]
+        sb = MPI.IN_PLACE if inplace else [inp.view(torch.uint8).numpy(), inp.numel(), mtype]
+        comm.Allreduce(sb, rb, op=mop)
+        if op == "avg":
+            _avg(out, ctl.world)
+    return run
+
+
+def _avg(t: torch.Tensor, world: int) -> None:
+    if t.is_floating_point():
+        t.div_(world)
+    else:
+        t.div_(world, rounding_mode="trunc")
+
+
+def _torch_runner(world: int, op: str) -> Callable:
+    import torch.distributed as dist
+    rop = {"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.SUM, "prod": dist.ReduceOp.PRODUCT,
+           "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op]
+
+    def run(inp, out, inplace):
+        # torch's all_reduce is in place only: out of place is a copy, then the in-place call.
+        if not inplace:
+            out.copy_(inp)
+        dist.all_reduce(out, op=rop)
+        if op == "avg":
+            _avg(out, world)
+    return run
+
+
+# ------------------------------------------------------------------ running
+
+def _measure(ctl: Control, run: Callable, coll: Collective, a: BenchArgs, dtype: DType,
+             count: int, pristine: torch.Tensor, expected: torch.Tensor | None, inplace: bool):
+    inp = pristine.clone()
+    out = torch.empty_like(pristine)
+    times = []
+    for it in range(a.warmup + a.iters):
+        if inplace:
+            out.copy_(pristine)  # a fresh input each call; outside the timed region
+        ctl.barrier()
+        t0 = time.perf_counter()
+        run(inp, out, inplace)
+        dt = time.perf_counter() - t0
+        if it >= a.warmup:
+            times.append(dt)
+    slow = ctl.slowest(times)
+    wrong = None
+    if expected is not None:
+        bad = (out != expected)
+        if dtype.is_float:
+            bad &= ~(torch.isnan(out) & torch.isnan(expected))
+        wrong = ctl.total(int(bad.sum()))
+        if not inplace:
+            wrong += ctl.total(int((inp != pristine).sum()))  # out of place must not touch the input
+    return statistics.median(slow) * 1e6, wrong
+
+
+def run_bench(a: BenchArgs, out=sys.stdout) -> list[Row]:
+    coll = COLLECTIVES.get(a.collective)
+    if coll is None:
+        raise FmcommError(f"unknown collective {a.collective!r}; choose from {', '.join(COLLECTIVES)}")
+    dtype = dtype_of(a.dtype)
+    ctl = Control()
+    comm = api.init(transport=a.transport)
+    world = comm.world
+
+    created_pg = False
+    impls: list[tuple[str, str, Callable | None, str]] = []
+    for algo in a.algos:
+        impls.append(("fmcomm", algo, _fmcomm_runner(comm, algo, a.op), ""))
+    for peer in a.peers:
+        try:
+            if peer == "mpi":
+                impls.append(("mpi", "MPI_Allreduce", _mpi_runner(ctl, dtype, a.op), ""))
+            elif peer == "torch":
+                import torch.distributed as dist
+                if not dist.is_initialized():
+                    from ..transport.torch_dist import init_default_group
+                    init_default_group(ctl.rank, ctl.world, mpi_comm=ctl.comm)
+                    created_pg = True
+                impls.append(("torch", f"{dist.get_backend()}.all_reduce", _torch_runner(world, a.op), ""))
+            else:
+                raise FmcommError(f"unknown peer {peer!r}; peers are mpi, torch")
+        except UnsupportedError as e:
+            impls.append((peer, "-", None, str(e)))
+
+    rows: list[Row] = []
+    if ctl.rank == 0:
+        _print_header(a, world, dtype, out)
+    for nbytes in sizes(a):
+        count = coll.count_for_bytes(nbytes, dtype.itemsize, world)
+        pristine = coll.make_input(ctl.rank, world, count, dtype, a.op)
+        expected = coll.expected(world, count, dtype, a.op) if a.check else None
+        for impl, algo, run, note in impls:
+            row = Row(impl, algo, count * dtype.itemsize, count, {}, {}, note)
+            if run is not None:
+                for inplace in (False, True):
+                    try:
+                        t, w = _measure(ctl, run, coll, a, dtype, count, pristine, expected, inplace)
+                    except UnsupportedError as e:
+                        row.note, t, w = str(e), float("nan"), None
+                    row.times_us[inplace], row.wrong[inplace] = t, w
+            rows.append(row)
+            if ctl.rank == 0:
+                _print_row(row, coll, dtype, a.op, world, out)
+                if a.json_path:
+                    _append_json(a, row, coll, dtype, world)
+    if ctl.rank == 0:
+        _print_summary(rows, coll, world, out)
+    api.finalize()
+    import torch.distributed as dist
+    if dist.is_initialized() and (created_pg or a.transport == "torch"):
+        dist.destroy_process_group()  # gloo aborts at exit if its group is still up
+    return rows
+
+
+def _bw(row: Row, inplace: bool, coll: Collective, world: int) -> tuple[float, float]:
+    t = row.times_us.get(inplace, float("nan"))
+    if not t or t != t:
+        return float("nan"), float("nan")
+    algbw = row.nbytes / (t * 1e-6) / 1e9
+    return algbw, algbw * coll.busbw_factor(world)
+
+
+def _print_header(a: BenchArgs, world: int, dtype: DType, out) -> None:
+    print(f"# fmcomm bench {a.collective}: {world} ranks on {socket.gethostname()}, dtype {dtype.name}, "
+          f"op {a.op}, iters {a.iters}, warmup {a.warmup}, fmcomm transport {a.transport}", file=out)
+    print("# time: median over iterations of the slowest rank; busbw as nccl-tests (all_reduce x 2(n-1)/n)",
+          file=out)
+    print(f"#{'impl':>7} {'algo':>16} {'size':>12} {'count':>11} {'type':>8} {'redop':>6}"
+          f" {'time':>10} {'algbw':>7} {'busbw':>7} {'#wrong':>6}"
+          f" {'time':>10} {'algbw':>7} {'busbw':>7} {'#wrong':>6}", file=out)
+    print(f"#{'':>7} {'':>16} {'(B)':>12} {'(elements)':>11} {'':>8} {'':>6}"
+          f" {'(us)':>10} {'(GB/s)':>7} {'(GB/s)':>7} {'':>6}"
+          f" {'(us)':>10} {'(GB/s)':>7} {'(GB/s)':>7} {'':>6}", file=out)
+    print(f"#{'':>7} {'':>16} {'':>12} {'':>11} {'':>8} {'':>6} {'out-of-place':>33} {'in-place':>33}", file=out)
+    out.flush()
+
+
+def _print_row(row: Row, coll: Collective, dtype: DType, op: str, world: int, out) -> None:
+    line = f" {row.impl:>7} {row.algo:>16} {row.nbytes:>12} {row.count:>11} {dtype.name:>8} {op:>6}"
+    if not row.times_us:
+        print(line + f"  unavailable: {row.note}", file=out)
+        return
+    for inplace in (False, True):
+        algbw, busbw = _bw(row, inplace, coll, world)
+        w = row.wrong.get(inplace)
+        line += f" {row.times_us[inplace]:>10.1f} {algbw:>7.3f} {busbw:>7.3f} {('N/A' if w is None else w):>6}"
+    print(line, file=out)
+    out.flush()
+
+
+def _print_summary(rows: list[Row], coll: Collective, world: int, out) -> None:
+    by_impl: dict[tuple[str, str], list[float]] = {}
+    for r in rows:
+        if r.times_us:
+            by_impl.setdefault((r.impl, r.algo), []).append(_bw(r, False, coll, world)[1])
+    print("# Avg bus bandwidth (out-of-place, GB/s):", file=out)
+    for (impl, algo), bws in by_impl.items():
+        bws = [b for b in bws if b == b]
+        if bws:
+            print(f"#   {impl:>7} {algo:>16}: {sum(bws) / len(bws):.3f}", file=out)
+    total_wrong = sum(w for r in rows for w in r.wrong.values() if w)
+    print(f"# Out of bounds values : {total_wrong} {'OK' if total_wrong == 0 else 'FAILED'}", file=out)
+    out.flush()
+
+
+def _append_json(a: BenchArgs, row: Row, coll: Collective, dtype: DType, world: int) -> None:
+    with open(a.json_path, "a") as f:
+        for inplace in (False, True):
+            if inplace not in row.times_us:
+                continue
+            algbw, busbw = _bw(row, inplace, coll, world)
+            f.write(json.dumps({
+                "collective": coll.name, "impl": row.impl, "algo": row.algo, "bytes": row.nbytes,
+                "count": row.count, "dtype": dtype.name, "op": a.op, "world": world, "inplace": inplace,
+                "time_us": row.times_us[inplace], "algbw_GBps": algbw, "busbw_GBps": busbw,
+                "wrong": row.wrong.get(inplace), "transport": a.transport if row.impl == "fmcomm" else row.impl,
+            }) + "\n")

@@ -1,0 +1,125 @@
+"""``fmcomm`` command line: ``fmcomm bench ...`` and ``fmcomm info``.
+
+The commands only parse arguments and call the library; all logic lives in the
+package. ``fmcomm bench -n N`` outside a launcher starts N local ranks itself through
+the ``mpiexec`` installed beside this Python (the mpich wheel puts it in the venv's
+bin/) or on PATH.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+
+from . import launch
+from .config import ConfigError, parse_size
+from .errors import FmcommError
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _list(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def find_mpiexec() -> str | None:
+    here = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    if os.access(here, os.X_OK):
+        return here
+    return shutil.which("mpiexec") or shutil.which("mpirun")
+
+
+def _relaunch(n: int, argv: list[str]) -> int:
+    mpiexec = find_mpiexec()
+    if mpiexec is None:
+        print("fmcomm: -n needs mpiexec (pip install mpi4py mpich), or start the ranks with your launcher",
+              file=sys.stderr)
+        return 2
+    cmd = [mpiexec, "-n", str(n), sys.executable, "-m", "fmcomm.cli", *argv]
+    env = dict(os.environ)
+    # Open MPI refuses root and busy-polls when ranks outnumber cores unless told;
+    # MPICH ignores these variables.
+    env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+    env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    env.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
+    env.setdefault("OMPI_MCA_rmaps_base_oversubscribe", "1")
+    os.execvpe(cmd[0], cmd, env)
+    return 0  # not reached
+
+
+def _strip_n(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a in ("-n", "--nranks"):
+            skip = True
+            continue
+        if a.startswith("--nranks=") or (a.startswith("-n") and a[2:].isdigit()):
+            continue
+        out.append(a)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(prog="fmcomm", description="fmcomm collective communication")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    b = sub.add_parser("bench", help="benchmark a collective beside MPI and torch.distributed (nccl-tests columns)")
+    b.add_argument("collective", choices=["all_reduce"])
+    b.add_argument("-n", "--nranks", type=int, default=None, help="start this many local ranks through mpiexec")
+    b.add_argument("-b", "--minbytes", type=_size, default=_size("4K"))
+    b.add_argument("-e", "--maxbytes", type=_size, default=_size("64M"))
+    b.add_argument("-f", "--stepfactor", type=int, default=4)
+    b.add_argument("--dtype", default="float32")
+    b.add_argument("--op", default="sum", choices=["sum", "avg", "min", "max", "prod"])
+    b.add_argument("--algo", type=_list, default=("auto",), help="comma list, each measured in the same run")
+    b.add_argument("--peer", type=_list, default=(), help="comma list of mpi, torch")
+    b.add_argument("--transport", default="mpi", choices=["mpi", "torch"], help="engine under fmcomm's rows")
+    b.add_argument("--check", action="store_true", help="verify every result (#wrong)")
+    b.add_argument("--iters", type=int, default=20)
+    b.add_argument("--warmup", type=int, default=5)
+    b.add_argument("--json", default=None, help="append one JSON object per row to this file")
+
+    sub.add_parser("info", help="what this installation has: native kernels, MPI, gloo/NCCL, launcher")
+
+    args = p.parse_args(argv)
+    try:
+        if args.cmd == "info":
+            from .api import info
+            print(json.dumps(info(), indent=2))
+            return 0
+        if args.cmd == "bench":
+            here = launch.detect()
+            if args.nranks is not None and here.launcher == "none" and args.nranks > 1:
+                return _relaunch(args.nranks, _strip_n(argv))
+            if args.nranks is not None and here.launcher != "none" and args.nranks != here.world:
+                print(f"fmcomm: -n {args.nranks} but the launcher started {here.world} ranks", file=sys.stderr)
+                return 2
+            if args.minbytes > args.maxbytes:
+                print("fmcomm: -b must not exceed -e", file=sys.stderr)
+                return 2
+            from .bench.harness import BenchArgs, run_bench
+            run_bench(BenchArgs(
+                collective=args.collective, min_bytes=args.minbytes, max_bytes=args.maxbytes,
+                factor=args.stepfactor, dtype=args.dtype, op=args.op, algos=args.algo, peers=args.peer,
+                transport=args.transport, check=args.check, iters=args.iters, warmup=args.warmup,
+                json_path=args.json))
+            return 0
+    except FmcommError as e:
+        print(f"fmcomm: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

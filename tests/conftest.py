@@ -1,0 +1,40 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MULTIRANK = Path(__file__).resolve().parent / "multirank"
+
+
+def mpiexec() -> str:
+    here = Path(sys.executable).parent / "mpiexec"
+    if here.exists():
+        return str(here)
+    import shutil
+    found = shutil.which("mpiexec")
+    if not found:
+        pytest.skip("mpiexec not found (pip install mpich)")
+    return found
+
+
+def run_ranks(n: int, script: str, *args: str, env: dict | None = None, timeout: float = 300,
+              out_dir: Path) -> list[dict]:
+    """Run tests/multirank/<script> on ``n`` ranks under mpiexec; return each rank's JSON report."""
+    full_env = dict(os.environ)
+    full_env.update({"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    full_env.update(env or {})
+    cmd = [mpiexec(), "-n", str(n), sys.executable, str(MULTIRANK / script), "--out", str(out_dir), *args]
+    proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    reports = []
+    for r in range(n):
+        f = out_dir / f"rank{r}.json"
+        if not f.exists():
+            raise AssertionError(f"rank {r} wrote no report (exit {proc.returncode})\n"
+                                 f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}")
+        reports.append(json.loads(f.read_text()))
+    assert proc.returncode == 0, f"mpiexec exit {proc.returncode}\n{proc.stderr[-4000:]}"
+    return reports

@@ -1,0 +1,33 @@
+"""Shared by the programs that tests run on several ranks."""
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def parse(extra=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--transport", default="mpi")
+    for name, kw in (extra or {}).items():
+        p.add_argument(name, **kw)
+    return p.parse_args()
+
+
+def report_and_exit(args, rank: int, report: dict) -> None:
+    """Write this rank's report, wait for every rank, and leave without MPI_Finalize.
+
+    A failed collective may leave requests posted; finalizing MPI (or gloo) with them
+    pending can block, so after the barrier on COMM_WORLD (which fmcomm does not use)
+    every rank exits at once.
+    """
+    out = Path(args.out)
+    tmp = out / f"rank{rank}.json.tmp"
+    tmp.write_text(json.dumps(report))
+    tmp.rename(out / f"rank{rank}.json")
+    from mpi4py import MPI
+    MPI.COMM_WORLD.Barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
