@@ -64,21 +64,23 @@ class Call:
 
     def describe_mismatch(self, theirs: list[int]) -> str | None:
         mine = self.header().tolist()
-        diffs = []
-        for name, a, b in zip(_HEADER_FIELDS, mine, theirs):
-            if a != b:
-                if name == "dtype":
-                    a, b = BY_CODE[a].name, (BY_CODE[b].name if b in BY_CODE else b)
-                elif name == "op":
-                    inv = {v: k for k, v in REDOPS.items()}
-                    a, b = inv[a], inv.get(b, b)
-                elif name == "collective":
-                    inv = {v: k for k, v in COLLECTIVE_CODES.items()}
-                    a, b = inv[a], inv.get(b, b)
-                elif name == "algo":
-                    a, b = self.algo, "another algorithm"
-                diffs.append(f"{name} {b} (this rank: {a})")
+        diffs = [f"{name} {_field_text(name, b, None)} (this rank: {_field_text(name, a, self.algo)})"
+                 for name, a, b in zip(_HEADER_FIELDS, mine, theirs) if a != b]
         return ", ".join(diffs) if diffs else None
+
+
+_CODE_NAMES = {
+    "dtype": {d.code: d.name for d in BY_CODE.values()},
+    "op": {v: k for k, v in REDOPS.items()},
+    "collective": {v: k for k, v in COLLECTIVE_CODES.items()},
+}
+
+
+def _field_text(field: str, value: int, algo_name: str | None) -> str:
+    """A header field as a person reads it (dtype and op names instead of codes)."""
+    if field == "algo":
+        return algo_name or "another algorithm"
+    return str(_CODE_NAMES.get(field, {}).get(value, value))
 
 
 # ------------------------------------------------------------- compiled rounds
@@ -210,7 +212,8 @@ class Executor:
         req = self.transport.native_all_reduce(both, both, DTYPES["int64"], "max")
         self._wait([req], call, None, "native argument check")
         hi, lo = both[: len(h)].tolist(), [-x for x in both[len(h):].tolist()]
-        diffs = [f"{name} ranges from {l} to {u}" for name, l, u in zip(_HEADER_FIELDS, lo, hi) if l != u]
+        diffs = [f"{name} differs (from {_field_text(name, l, None)} to {_field_text(name, u, None)})"
+                 for name, l, u in zip(_HEADER_FIELDS, lo, hi) if l != u]
         if diffs:
             raise MismatchError(f"ranks called {call.collective} differently: {', '.join(diffs)}",
                                 rank=self.transport.rank, op=call.collective, seq=call.seq)

@@ -208,12 +208,12 @@ def run_bench(a: BenchArgs, out=sys.stdout) -> list[Row]:
         for impl, algo, run, note in impls:
             row = Row(impl, algo, count * dtype.itemsize, count, {}, {}, note)
             if run is not None:
-                for inplace in (False, True):
-                    try:
+                try:
+                    for inplace in (False, True):
                         t, w = _measure(ctl, run, coll, a, dtype, count, pristine, expected, inplace)
-                    except UnsupportedError as e:
-                        row.note, t, w = str(e), float("nan"), None
-                    row.times_us[inplace], row.wrong[inplace] = t, w
+                        row.times_us[inplace], row.wrong[inplace] = t, w
+                except UnsupportedError as e:  # the same on every rank: nothing was sent
+                    row.note, row.times_us, row.wrong = str(e), {}, {}
             rows.append(row)
             if ctl.rank == 0:
                 _print_row(row, coll, dtype, a.op, world, out)

@@ -1,0 +1,49 @@
+"""Ranks that misbehave: the others must get a typed error within the timeout.
+
+Scenarios (rank 1 is the odd one out):
+- size:   rank 1 passes one element more than the others
+- dtype:  rank 1 passes float64 where the others pass float32
+- silent: rank 1 never makes the call
+Each rank reports the exception type it got and its message. Then every rank makes
+one more call, which must be refused (the communicator is unusable after a failure).
+"""
+import time
+
+import torch
+
+import fmcomm
+from common import parse, report_and_exit
+
+
+def main():
+    args = parse({"--scenario": {"required": True}, "--algo": {"default": "ring"}})
+    comm = fmcomm.init(transport=args.transport)
+    rank = comm.rank
+    timeout = comm.config.timeout
+    n = 1000
+    t = torch.ones(n + 1 if (args.scenario == "size" and rank == 1) else n,
+                   dtype=torch.float64 if (args.scenario == "dtype" and rank == 1) else torch.float32)
+    report = {"rank": rank}
+    start = time.monotonic()
+    try:
+        if args.scenario == "silent" and rank == 1:
+            time.sleep(timeout * 2 + 2)  # long enough for every peer to give up
+            report["error"] = None
+        else:
+            fmcomm.all_reduce(t, algo=args.algo)
+            report["error"] = None
+    except fmcomm.FmcommError as e:
+        report.update(error=type(e).__name__, message=str(e), peer=getattr(e, "peer", None),
+                      seq=getattr(e, "seq", None))
+    report["elapsed"] = time.monotonic() - start
+    if report["error"]:
+        try:
+            fmcomm.all_reduce(torch.ones(4))
+            report["after"] = "accepted"
+        except fmcomm.FmcommError as e:
+            report["after"] = type(e).__name__
+    report_and_exit(args, rank, report)
+
+
+if __name__ == "__main__":
+    main()
