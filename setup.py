@@ -2,8 +2,8 @@
 
 The native extension ``fmcomm._C`` (csrc/) is optional: when it cannot be built (no
 compiler, no pybind11), the package installs without it and runs on its torch
-fallback; ``fmcomm.info()`` says which. Set FMCOMM_REQUIRE_NATIVE=1 to make a failed
-native build an error instead.
+fallback; ``fmcomm.info()`` says which. FMCOMM_NATIVE=on (the run-time option that
+means "fail without the native kernels") makes a failed native build an error too.
 """
 import os
 import sys
@@ -43,7 +43,7 @@ class OptionalBuildExt(build_ext):
 
     @staticmethod
     def _give_up(err):
-        if os.environ.get("FMCOMM_REQUIRE_NATIVE") == "1":
+        if os.environ.get("FMCOMM_NATIVE", "").lower() == "on":
             raise err
         print(f"fmcomm: native extension not built ({err}); using the torch fallback", file=sys.stderr)
 

@@ -50,6 +50,11 @@ def _relaunch(n: int, argv: list[str]) -> int:
     env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
     env.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
     env.setdefault("OMPI_MCA_rmaps_base_oversubscribe", "1")
+    # One compute thread per rank's share of the cores: torch's OpenMP threads spin
+    # after each op and, with ranks already filling the cores, steal them from the
+    # peers a collective is waiting for (measured: a 1 MiB ring all-reduce at np=2
+    # went from 524 to 364 us with OMP_NUM_THREADS=1).
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
     os.execvpe(cmd[0], cmd, env)
     return 0  # not reached
 

@@ -20,7 +20,7 @@ import torch
 from . import algorithms, schedule
 from .config import Config
 from .dtypes import DType, dtype_of, redop_code
-from .errors import CollectiveError, FmcommError, InvalidArgument
+from .errors import CollectiveError, CommTimeoutError, FmcommError, InvalidArgument
 from .executor import Call, Executor, compile_rounds
 from .kernels import Reducer, resolve_native
 from .select import select
@@ -40,7 +40,8 @@ class Work:
         try:
             self._future.result(timeout)
         except concurrent.futures.TimeoutError:
-            raise TimeoutError(f"fmcomm work not finished within {timeout} s") from None
+            raise CommTimeoutError(f"work not finished within {timeout} s (the collective itself "
+                                   f"is still running and may complete later)") from None
         return True
 
     def is_completed(self) -> bool:

@@ -186,21 +186,29 @@ class Executor:
         return s[:nbytes].view(like.dtype)
 
     # --- argument agreement
-    def exchange_headers(self, call: Call, send_to: set[int], recv_from: set[int]) -> None:
+    def post_headers(self, call: Call, send_to: set[int], recv_from: set[int]):
+        """Post this call's header to every data peer; return what verify_headers needs."""
         if not self.check or (not send_to and not recv_from):
-            return
+            return None
         mine = call.header()
         tag = header_tag(call.seq)
         t = self.transport
         theirs = {p: torch.zeros(len(_HEADER_FIELDS), dtype=torch.int64) for p in sorted(recv_from)}
         recvs = {p: self._post(t.irecv, p, buf.view(torch.uint8), tag, call) for p, buf in theirs.items()}
         sends = [self._post(t.isend, p, mine.view(torch.uint8), tag, call) for p in sorted(send_to)]
+        return theirs, recvs, sends, mine
+
+    def verify_headers(self, call: Call, posted) -> None:
+        """Wait for the peers' headers and raise MismatchError on the first disagreement."""
+        if posted is None:
+            return
+        theirs, recvs, sends, _mine = posted
         for p, req in recvs.items():
             self._wait([req], call, p, "argument header from peer")
             diff = call.describe_mismatch(theirs[p].tolist())
             if diff:
                 raise MismatchError(f"peer called {call.collective} differently: {diff}",
-                                    rank=t.rank, op=call.collective, seq=call.seq, peer=p)
+                                    rank=self.transport.rank, op=call.collective, seq=call.seq, peer=p)
         self._wait(sends, call, None, "argument header send")
 
     def check_native(self, call: Call) -> None:
@@ -222,7 +230,12 @@ class Executor:
     def run_schedule(self, call: Call, rs: RankSchedule, rounds: tuple[_Round, ...],
                      inp: torch.Tensor, out: torch.Tensor, reducer: Reducer) -> None:
         send_to, recv_from = rs.peers()
-        self.exchange_headers(call, send_to, recv_from)
+        headers = self.post_headers(call, send_to, recv_from)
+        if not self.transport.reports_size_mismatch:
+            # A message longer than its posted receive would break this engine, so
+            # no data is posted before every peer's arguments are known to agree.
+            self.verify_headers(call, headers)
+            headers = None
         bufs = {"input": inp, "output": out, "scratch": self.scratch(rs.scratch_count, out)}
         raw = {k: v.view(torch.uint8) for k, v in bufs.items()}
         isz = out.element_size()
@@ -238,11 +251,21 @@ class Executor:
         for rnd in rounds:
             rreqs = [self._post(t.irecv, m.peer, raw_of(m), tag, call) for m in rnd.recvs]
             sreqs = [self._post(t.isend, m.peer, raw_of(m), tag, call) for m in rnd.sends]
+            if headers is not None:
+                # The engine reports an oversized message as an error on its request,
+                # so the first round's data travels while the headers are checked;
+                # nothing received is used before they are.
+                self.verify_headers(call, headers)
+                headers = None
             landed = [False] * len(rreqs)
             for loc in rnd.locals:
                 for i in loc.deps:
                     if not landed[i]:
-                        self._wait([rreqs[i]], call, rnd.recvs[i].peer, "receive")
+                        # The round's sends are finished along with the first receive:
+                        # MPI makes progress only inside its calls, so a peer's receive
+                        # stalls while this rank computes with its send unfinished.
+                        self._wait([rreqs[i], *sreqs], call, rnd.recvs[i].peer, "receive")
+                        sreqs = []
                         landed[i] = True
                 if loc.kind == "reduce":
                     reducer(data(loc.dst), data(loc.a), data(loc.b))

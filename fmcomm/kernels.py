@@ -17,13 +17,36 @@ except ImportError as e:  # not built: the fallback serves
     _native = None
     NATIVE_IMPORT_ERROR = str(e)
 
+def _pick(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, take_a: torch.Tensor) -> None:
+    torch.where(take_a | torch.isnan(a), a, b, out=out)
+
+
+def _minimum(a, b, out):
+    # The native rule exactly: a if a < b or a is NaN, else b. torch.minimum is not
+    # usable here: on a +0/-0 tie its vector body returns b and its scalar tail a.
+    _pick(a, b, out, a < b)
+
+
+def _maximum(a, b, out):
+    _pick(a, b, out, a > b)
+
+
+def _integer_minimum(a, b, out):
+    torch.minimum(a, b, out=out)  # no NaN, no signed zero: exact
+
+
+def _integer_maximum(a, b, out):
+    torch.maximum(a, b, out=out)
+
+
 _TORCH_OPS = {
     "sum": torch.add,
     "avg": torch.add,  # avg divides once at the end
     "prod": torch.mul,
-    "min": torch.minimum,  # NaN-propagating, as the native kernel
-    "max": torch.maximum,
+    "min": _minimum,
+    "max": _maximum,
 }
+_TORCH_INT_OPS = {**_TORCH_OPS, "min": _integer_minimum, "max": _integer_maximum}
 
 
 def native_available() -> bool:
@@ -47,6 +70,7 @@ class Reducer:
         self.native = use_native and _native is not None
         if self.native and dtype.name == "float16" and not _native.has_float16():
             self.native = False
+        self._fallback = (_TORCH_OPS if dtype.is_float else _TORCH_INT_OPS)[op]
 
     def __call__(self, dst: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         if dst.numel() == 0:
@@ -54,7 +78,7 @@ class Reducer:
         if self.native and dst.device.type == "cpu":
             _native.reduce(dst.data_ptr(), a.data_ptr(), b.data_ptr(), dst.numel(), self.dtype.code, REDOPS[self.op])
         else:
-            _TORCH_OPS[self.op](a, b, out=dst)
+            self._fallback(a, b, out=dst)
 
 
 def finish_avg(t: torch.Tensor, world: int) -> None:

@@ -44,10 +44,33 @@ def _int(environ: Mapping[str, str], name: str) -> int | None:
     if raw is None or raw == "":
         return None
     try:
-        # SLURM_NTASKS_PER_NODE may read "2(x3)"; the leading number is this node's.
-        return int(raw.split("(")[0].split(",")[0])
+        return int(raw)
     except ValueError:
         raise InitError(f"launcher variable {name}={raw!r} is not an integer") from None
+
+
+def _slurm_tasks_on_this_node(environ: Mapping[str, str]) -> int | None:
+    """This node's entry of SLURM_TASKS_PER_NODE-style lists such as ``2(x3),1``.
+
+    The list has one count per node of the allocation, ``N(xM)`` standing for M nodes
+    of N tasks; SLURM_NODEID says which node this is.
+    """
+    raw = environ.get("SLURM_NTASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE")
+    if not raw:
+        return None
+    counts: list[int] = []
+    try:
+        for part in raw.split(","):
+            n, _, rep = part.partition("(x")
+            counts += [int(n)] * (int(rep.rstrip(")")) if rep else 1)
+    except ValueError:
+        raise InitError(f"cannot parse SLURM_NTASKS_PER_NODE={raw!r}") from None
+    node = _int(environ, "SLURM_NODEID") or 0
+    if len(counts) == 1:
+        return counts[0]
+    if not 0 <= node < len(counts):
+        raise InitError(f"SLURM_NODEID={node} but tasks per node {raw!r} lists {len(counts)} nodes")
+    return counts[node]
 
 
 def detect(environ: Mapping[str, str] | None = None) -> LaunchInfo:
@@ -64,6 +87,6 @@ def detect(environ: Mapping[str, str] | None = None) -> LaunchInfo:
         if not 0 <= rank < world:
             raise InitError(f"{launcher}: rank {rank} is outside world size {world}")
         local_rank = _int(environ, lrank_v)
-        return LaunchInfo(rank, world, rank if local_rank is None else local_rank,
-                          _int(environ, lworld_v), launcher)
+        local_world = _slurm_tasks_on_this_node(environ) if launcher == "slurm" else _int(environ, lworld_v)
+        return LaunchInfo(rank, world, rank if local_rank is None else local_rank, local_world, launcher)
     return LaunchInfo(0, 1, 0, 1, "none")

@@ -178,8 +178,8 @@ def validate(sched: Schedule, *, output_written: bool = True) -> None:
     """Raise ScheduleError unless ``sched`` is well formed for every rank.
 
     Checks: ranks numbered 0..world-1; every range in bounds; the input buffer never
-    written; within a round no receive or local write overlaps a send, another receive
-    or another write in a way the executor could race on (checked with input and
+    written; within a round no receive or local write overlaps a send or a receive
+    (the executor could race on it) (checked with input and
     output as one memory, the in-place case, which is the stricter one); every send of
     round r matched, in order and in size, by a receive of round r on its peer; and,
     if ``output_written``, every output element written on every rank of a world
@@ -234,6 +234,9 @@ def validate(sched: Schedule, *, output_written: bool = True) -> None:
                 for s in sends:
                     if _overlap(w, s, True):
                         raise ScheduleError(f"{where}: a local step writes a range being sent")
+                for a in recvs:
+                    if _overlap(w, a, True):
+                        raise ScheduleError(f"{where}: a local step writes a range being received")
         if written is not None and world > 1:
             first = _first_uncovered(written, sched.output_count)
             if first is not None:

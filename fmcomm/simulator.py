@@ -28,20 +28,23 @@ def _bf16_narrow(x: np.ndarray) -> np.ndarray:
 
 def combine(a: np.ndarray, b: np.ndarray, dtype: DType, op: str) -> np.ndarray:
     """a op b element-wise in ``dtype`` (bfloat16 arrays hold raw uint16 bits)."""
-    if dtype.name == "bfloat16":
-        x, y = _bf16_widen(a), _bf16_widen(b)
-        if op in ("min", "max"):
-            pick_a = (x < y) if op == "min" else (x > y)
-            return np.where(pick_a | np.isnan(x), a, b)
-        return _bf16_narrow(x + y if op in ("sum", "avg") else x * y)
     with np.errstate(all="ignore"):  # integer wrap-around and float overflow are expected results
+        if dtype.name == "bfloat16":
+            x, y = _bf16_widen(a), _bf16_widen(b)
+            if op in ("min", "max"):
+                pick_a = (x < y) if op == "min" else (x > y)
+                return np.where(pick_a | np.isnan(x), a, b)
+            return _bf16_narrow(x + y if op in ("sum", "avg") else x * y)
+        if op in ("min", "max"):
+            # The executor's rule (a if a < b or a is NaN, else b), which also settles
+            # which zero a +0/-0 tie returns.
+            pick_a = (a < b) if op == "min" else (a > b)
+            if dtype.is_float:
+                pick_a |= np.isnan(a)
+            return np.where(pick_a, a, b)
         if op in ("sum", "avg"):
             return np.add(a, b)
-        if op == "prod":
-            return np.multiply(a, b)
-        if op == "min":
-            return np.minimum(a, b)
-        return np.maximum(a, b)
+        return np.multiply(a, b)
 
 
 def finish_avg(x: np.ndarray, dtype: DType, world: int) -> np.ndarray:

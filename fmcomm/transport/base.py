@@ -21,6 +21,9 @@ class Transport(abc.ABC):
     name: str
     rank: int
     world: int
+    # True where a message longer than the receive posted for it fails that receive
+    # (MPI: MPI_ERR_TRUNCATE) instead of corrupting memory or killing the process.
+    reports_size_mismatch: bool = False
 
     @abc.abstractmethod
     def isend(self, peer: int, buf: torch.Tensor, tag: int) -> Any:

@@ -33,11 +33,12 @@ _SPIN_POLLS = 200
 
 
 def _buffer(t: torch.Tensor):
-    return t.numpy() if t.device.type == "cpu" else t
+    return t if t.is_cuda else t.numpy()
 
 
 class MPITransport(Transport):
     name = "mpi"
+    reports_size_mismatch = True  # MPI_ERR_TRUNCATE on the receive; mpi4py's errors return
 
     def __init__(self, comm=None):
         if MPI is None:
@@ -67,7 +68,7 @@ class MPITransport(Transport):
             return False
 
     def _check_device(self, t: torch.Tensor) -> None:
-        if t.device.type != "cpu" and not self.cuda_aware:
+        if t.is_cuda and not self.cuda_aware:
             raise UnsupportedError(f"MPI library is not CUDA-aware; cannot move a {t.device} tensor "
                                    f"(use FMCOMM_TRANSPORT=torch for NCCL)")
 

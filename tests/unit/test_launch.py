@@ -113,3 +113,17 @@ def test_rank_without_world_is_an_init_error(environ, missing):
 def test_init_error_is_an_fmcomm_error():
     with pytest.raises(fmcomm.FmcommError):
         detect({"RANK": "0"})
+
+
+@pytest.mark.parametrize("node, expected", [("0", 3), ("1", 2), ("2", 2), ("3", 1)])
+def test_slurm_uneven_nodes_read_this_nodes_count(node, expected):
+    env = {**SLURM, "SLURM_NODEID": node, "SLURM_NTASKS": "8", "SLURM_NTASKS_PER_NODE": "3,2(x2),1"}
+    assert detect(env).local_world == expected
+
+
+@pytest.mark.parametrize("name, value", [("RANK", "1,5"), ("WORLD_SIZE", "3(x2)"), ("PMI_SIZE", "4,4")])
+def test_list_shaped_values_outside_slurm_lists_are_errors(name, value):
+    env = {"RANK": "1", "WORLD_SIZE": "4"} if name in ("RANK", "WORLD_SIZE") else {"PMI_RANK": "0", "PMI_SIZE": "4"}
+    env[name] = value
+    with pytest.raises(fmcomm.InitError, match=name):
+        detect(env)

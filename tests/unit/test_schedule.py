@@ -284,12 +284,10 @@ def test_unknown_step():
         validate(s)
 
 
-@pytest.mark.xfail(strict=True, reason="validator bug: a local write overlapping a receive of the same "
-                                       "round passes validation (the executor can race on it)")
 def test_local_step_writing_a_range_being_received():
     # Rank 0 receives into output[0:2] and, in the same round, copies into output[1:2].
     # The copy reads input[3:4], not the receive, so the executor runs it without waiting:
-    # whichever lands last wins. The validate() docstring promises to reject this.
+    # whichever lands last wins. validate() must reject it.
     s = sched(2, [[[Send(1, inp(2, 2)), Recv(1, out(0, 2)), Copy(out(1, 1), inp(3, 1))]],
                   [[Send(0, inp(0, 2)), Recv(0, out(2, 2))]]])
     with pytest.raises(fmcomm.ScheduleError):
