@@ -88,8 +88,7 @@ class Communicator:
         fn = algorithms.REGISTRY[(collective, algo)]
         full = schedule.build(collective, algo, fn, self.world, count, count, count=count)
         schedule.validate(full)
-        mine = full.ranks[self.rank]
-        return mine, compile_rounds(mine, itemsize, self.config.segment_bytes)
+        return compile_rounds(full.ranks[self.rank], itemsize, self.config.segment_bytes)
 
     # ------------------------------------------------------------ execution
     def _next_seq(self) -> int:
@@ -149,9 +148,9 @@ class Communicator:
         if name == algorithms.NATIVE:
             run = functools.partial(self.executor.run_native, call, inp, out)
         else:
-            mine, rounds = self._plan("all_reduce", name, inp.numel(), dtype.itemsize)
+            plan = self._plan("all_reduce", name, inp.numel(), dtype.itemsize)
             reducer = Reducer(dtype, op, self.use_native)
-            run = functools.partial(self.executor.run_schedule, call, mine, rounds, inp, out, reducer)
+            run = functools.partial(self.executor.run_schedule, call, plan, inp, out, reducer)
         log.debug("rank %d seq %d all_reduce %s %d x %s op %s", self.rank, seq, name, inp.numel(), dtype.name, op)
         return self._submit(run, async_op)
 

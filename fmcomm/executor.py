@@ -56,11 +56,9 @@ class Call:
     seq: int
     root: int = -1
 
-    def header(self) -> torch.Tensor:
-        # Built through NumPy: a third of the cost of torch.tensor for a list this short.
-        return torch.from_numpy(np.array(
-            [_HEADER_MAGIC, self.seq, COLLECTIVE_CODES[self.collective], algo_code(self.algo),
-             self.count, self.dtype.code, REDOPS[self.op], self.root], dtype=np.int64))
+    def header(self) -> np.ndarray:
+        return np.array([_HEADER_MAGIC, self.seq, COLLECTIVE_CODES[self.collective], algo_code(self.algo),
+                         self.count, self.dtype.code, REDOPS[self.op], self.root], dtype=np.int64)
 
     def describe_mismatch(self, theirs: list[int]) -> str | None:
         mine = self.header().tolist()
@@ -89,8 +87,8 @@ def _field_text(field: str, value: int, algo_name: str | None) -> str:
 class _Msg:
     peer: int
     buf: str
-    offset: int  # elements
-    count: int
+    start: int  # bytes
+    end: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,25 +107,35 @@ class _Round:
     locals: tuple[_Local, ...]
 
 
-def _segments(peer: int, r: Range, seg: int) -> list[_Msg]:
-    return [_Msg(peer, r.buf, r.offset + o, min(seg, r.count - o)) for o in range(0, r.count, seg)]
+@dataclasses.dataclass(frozen=True)
+class CompiledSchedule:
+    """One rank's schedule cut into segments and resolved to byte ranges, once per plan."""
+    rounds: tuple[_Round, ...]
+    send_to: frozenset[int]
+    recv_from: frozenset[int]
+    scratch_count: int
+
+
+def _segments(peer: int, r: Range, seg: int, isz: int) -> list[_Msg]:
+    return [_Msg(peer, r.buf, (r.offset + o) * isz, (r.offset + o + min(seg, r.count - o)) * isz)
+            for o in range(0, r.count, seg)]
 
 
 def _same_memory(a: str, b: str) -> bool:
     return a == b or {a, b} == {"input", "output"}
 
 
-def _deps(rng: Range, recvs: list[_Msg]) -> tuple[int, ...]:
-    return tuple(i for i, m in enumerate(recvs)
-                 if _same_memory(m.buf, rng.buf) and m.offset < rng.end and rng.offset < m.offset + m.count)
+def _deps(rng: Range, recvs: list[_Msg], isz: int) -> tuple[int, ...]:
+    lo, hi = rng.offset * isz, rng.end * isz
+    return tuple(i for i, m in enumerate(recvs) if _same_memory(m.buf, rng.buf) and m.start < hi and lo < m.end)
 
 
-def compile_rounds(rs: RankSchedule, itemsize: int, segment_bytes: int) -> tuple[_Round, ...]:
+def compile_rounds(rs: RankSchedule, itemsize: int, segment_bytes: int) -> CompiledSchedule:
     seg = max(1, segment_bytes // itemsize)
     out = []
     for rnd in rs.rounds:
-        recvs = [m for s in rnd if isinstance(s, Recv) for m in _segments(s.peer, s.dst, seg)]
-        sends = [m for s in rnd if isinstance(s, Send) for m in _segments(s.peer, s.src, seg)]
+        recvs = [m for s in rnd if isinstance(s, Recv) for m in _segments(s.peer, s.dst, seg, itemsize)]
+        sends = [m for s in rnd if isinstance(s, Send) for m in _segments(s.peer, s.src, seg, itemsize)]
         locals_: list[_Local] = []
         for s in rnd:
             if isinstance(s, Reduce):
@@ -139,13 +147,16 @@ def compile_rounds(rs: RankSchedule, itemsize: int, segment_bytes: int) -> tuple
                         n = min(seg, s.dst.count - o)
                         part = lambda r: Range(r.buf, r.offset + o, n)  # noqa: E731
                         a, b = part(s.a), part(s.b)
-                        locals_.append(_Local("reduce", part(s.dst), a, b, _deps(a, recvs) + _deps(b, recvs)))
+                        locals_.append(_Local("reduce", part(s.dst), a, b,
+                                              _deps(a, recvs, itemsize) + _deps(b, recvs, itemsize)))
                 else:
-                    locals_.append(_Local("reduce", s.dst, s.a, s.b, _deps(s.a, recvs) + _deps(s.b, recvs)))
+                    locals_.append(_Local("reduce", s.dst, s.a, s.b,
+                                          _deps(s.a, recvs, itemsize) + _deps(s.b, recvs, itemsize)))
             elif isinstance(s, Copy):
-                locals_.append(_Local("copy", s.dst, s.src, None, _deps(s.src, recvs)))
+                locals_.append(_Local("copy", s.dst, s.src, None, _deps(s.src, recvs, itemsize)))
         out.append(_Round(tuple(recvs), tuple(sends), tuple(locals_)))
-    return tuple(out)
+    send_to, recv_from = rs.peers()
+    return CompiledSchedule(tuple(out), frozenset(send_to), frozenset(recv_from), rs.scratch_count)
 
 
 # ------------------------------------------------------------------ execution
@@ -169,15 +180,6 @@ class Executor:
                                    f"(FMCOMM_TIMEOUT); the peer may have died or skipped this call",
                                    rank=self.transport.rank, op=call.collective, seq=call.seq, peer=peer)
 
-    def _post(self, fn, peer: int, buf: torch.Tensor, tag: int, call: Call):
-        try:
-            return fn(peer, buf, tag)
-        except CollectiveError:
-            raise
-        except Exception as e:  # noqa: BLE001
-            raise TransportError(f"{self.transport.name}: posting a message failed: {e}", rank=self.transport.rank,
-                                 op=call.collective, seq=call.seq, peer=peer) from e
-
     def scratch(self, count: int, like: torch.Tensor) -> torch.Tensor:
         nbytes = count * like.element_size()
         s = self._scratch
@@ -186,16 +188,27 @@ class Executor:
         return s[:nbytes].view(like.dtype)
 
     # --- argument agreement
-    def post_headers(self, call: Call, send_to: set[int], recv_from: set[int]):
-        """Post this call's header to every data peer; return what verify_headers needs."""
+    def post_headers(self, call: Call, send_to, recv_from, device: torch.device):
+        """Post this call's header to every data peer; return what verify_headers needs.
+
+        Headers live on the data's device, the only memory some engines (NCCL) reach.
+        """
         if not self.check or (not send_to and not recv_from):
             return None
-        mine = call.header()
-        tag = header_tag(call.seq)
         t = self.transport
-        theirs = {p: torch.zeros(len(_HEADER_FIELDS), dtype=torch.int64) for p in sorted(recv_from)}
-        recvs = {p: self._post(t.irecv, p, buf.view(torch.uint8), tag, call) for p, buf in theirs.items()}
-        sends = [self._post(t.isend, p, mine.view(torch.uint8), tag, call) for p in sorted(send_to)]
+        mine = torch.from_numpy(call.header())
+        if device.type != "cpu":
+            mine = mine.to(device)
+        tag = header_tag(call.seq)
+        theirs = {p: torch.empty(len(_HEADER_FIELDS), dtype=torch.int64, device=device) for p in sorted(recv_from)}
+        try:
+            recvs = {p: t.irecv(p, t.byte_view(buf), tag) for p, buf in theirs.items()}
+            sends = [t.isend(p, t.byte_view(mine), tag) for p in sorted(send_to)]
+        except CollectiveError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the engine's own exception types vary
+            raise TransportError(f"{t.name}: posting the argument header failed: {e}", rank=t.rank,
+                                 op=call.collective, seq=call.seq) from e
         return theirs, recvs, sends, mine
 
     def verify_headers(self, call: Call, posted) -> None:
@@ -211,11 +224,43 @@ class Executor:
                                     rank=self.transport.rank, op=call.collective, seq=call.seq, peer=p)
         self._wait(sends, call, None, "argument header send")
 
+    def verify_with_round(self, call: Call, posted, rreqs: list, sreqs: list) -> None:
+        """verify_headers, waiting on the headers and a round's messages together."""
+        theirs, hrecvs, hsends, _mine = posted
+        t = self.transport
+
+        def check() -> None:
+            for p in theirs:
+                if torch.equal(theirs[p], _mine):
+                    continue
+                diff = call.describe_mismatch(theirs[p].tolist())
+                if diff:
+                    raise MismatchError(f"peer called {call.collective} differently: {diff}",
+                                        rank=t.rank, op=call.collective, seq=call.seq, peer=p)
+
+        peers = sorted({p for p in theirs})
+        try:
+            ok = t.wait_then(list(hrecvs.values()), check, [*rreqs, *sreqs, *hsends], time.monotonic() + self.timeout)
+        except CollectiveError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the engine's own exception types vary
+            # An oversized message fails its receive: it comes from a peer whose
+            # arguments differ, which the header names if it has arrived.
+            if t.wait(list(hrecvs.values()), time.monotonic() + min(self.timeout, 1.0)):
+                check()
+            raise TransportError(f"{t.name}: first round failed: {e}", rank=t.rank, op=call.collective,
+                                 seq=call.seq) from e
+        if not ok:
+            raise CommTimeoutError(f"first round did not complete within {self.timeout:g} s (FMCOMM_TIMEOUT); "
+                                   f"a peer may have died or skipped this call",
+                                   rank=t.rank, op=call.collective, seq=call.seq,
+                                   peer=peers[0] if len(peers) == 1 else None)
+
     def check_native(self, call: Call) -> None:
         """Agreement check for native collectives: one small all-reduce of (h, -h) with MAX."""
         if not self.check or self.transport.world == 1:
             return
-        h = call.header().numpy()
+        h = call.header()
         both = torch.from_numpy(np.concatenate([h, -h]))
         req = self.transport.native_all_reduce(both, both, DTYPES["int64"], "max")
         self._wait([req], call, None, "native argument check")
@@ -227,37 +272,42 @@ class Executor:
                                 rank=self.transport.rank, op=call.collective, seq=call.seq)
 
     # --- the two ways to run a collective
-    def run_schedule(self, call: Call, rs: RankSchedule, rounds: tuple[_Round, ...],
-                     inp: torch.Tensor, out: torch.Tensor, reducer: Reducer) -> None:
-        send_to, recv_from = rs.peers()
-        headers = self.post_headers(call, send_to, recv_from)
-        if not self.transport.reports_size_mismatch:
+    def run_schedule(self, call: Call, plan: CompiledSchedule, inp: torch.Tensor, out: torch.Tensor,
+                     reducer: Reducer) -> None:
+        t = self.transport
+        headers = self.post_headers(call, plan.send_to, plan.recv_from, out.device)
+        if not t.reports_size_mismatch:
             # A message longer than its posted receive would break this engine, so
             # no data is posted before every peer's arguments are known to agree.
             self.verify_headers(call, headers)
             headers = None
-        bufs = {"input": inp, "output": out, "scratch": self.scratch(rs.scratch_count, out)}
-        raw = {k: v.view(torch.uint8) for k, v in bufs.items()}
-        isz = out.element_size()
+        bufs = {"input": inp, "output": out, "scratch": self.scratch(plan.scratch_count, out)}
+        # Byte views made once per call; each message is then a cheap slice of one
+        # (this loop runs per segment, and per-call Python work is what small
+        # messages pay for).
+        raw = {k: t.byte_view(v) for k, v in bufs.items()}
         tag = data_tag(call.seq)
-        t = self.transport
+        irecv, isend = t.irecv, t.isend
 
-        def data(rng: Range) -> torch.Tensor:
-            return bufs[rng.buf][rng.offset:rng.end]
-
-        def raw_of(m: _Msg) -> torch.Tensor:
-            return raw[m.buf][m.offset * isz:(m.offset + m.count) * isz]
-
-        for rnd in rounds:
-            rreqs = [self._post(t.irecv, m.peer, raw_of(m), tag, call) for m in rnd.recvs]
-            sreqs = [self._post(t.isend, m.peer, raw_of(m), tag, call) for m in rnd.sends]
+        for rnd in plan.rounds:
+            try:
+                rreqs = [irecv(m.peer, raw[m.buf][m.start:m.end], tag) for m in rnd.recvs]
+                sreqs = [isend(m.peer, raw[m.buf][m.start:m.end], tag) for m in rnd.sends]
+            except CollectiveError:
+                raise
+            except Exception as e:  # noqa: BLE001 - the engine's own exception types vary
+                raise TransportError(f"{t.name}: posting a message failed: {e}", rank=t.rank,
+                                     op=call.collective, seq=call.seq) from e
             if headers is not None:
                 # The engine reports an oversized message as an error on its request,
-                # so the first round's data travels while the headers are checked;
-                # nothing received is used before they are.
-                self.verify_headers(call, headers)
+                # so the first round's data travels while the headers are checked, in
+                # one wait; nothing received is used before the check passed.
+                self.verify_with_round(call, headers, rreqs, sreqs)
                 headers = None
-            landed = [False] * len(rreqs)
+                landed = [True] * len(rreqs)
+                sreqs = []
+            else:
+                landed = [False] * len(rreqs)
             for loc in rnd.locals:
                 for i in loc.deps:
                     if not landed[i]:
@@ -268,17 +318,15 @@ class Executor:
                         sreqs = []
                         landed[i] = True
                 if loc.kind == "reduce":
-                    reducer(data(loc.dst), data(loc.a), data(loc.b))
+                    reducer.ranges(bufs, loc.dst, loc.a, loc.b)
                 else:
-                    d, s = data(loc.dst), data(loc.a)
-                    if d.data_ptr() != s.data_ptr():
-                        d.copy_(s)
-            for i, req in enumerate(rreqs):
-                if not landed[i]:
-                    self._wait([req], call, rnd.recvs[i].peer, "receive")
-            if sreqs:
-                peer = rnd.sends[0].peer if len({m.peer for m in rnd.sends}) == 1 else None
-                self._wait(sreqs, call, peer, "send")
+                    d, src = bufs[loc.dst.buf], bufs[loc.a.buf]
+                    if d.data_ptr() != src.data_ptr() or loc.dst.offset != loc.a.offset:
+                        d[loc.dst.offset:loc.dst.end].copy_(src[loc.a.offset:loc.a.end])
+            pending = [r for r, done in zip(rreqs, landed) if not done] + sreqs
+            if pending:
+                peers = {m.peer for m in rnd.recvs} | {m.peer for m in rnd.sends}
+                self._wait(pending, call, peers.pop() if len(peers) == 1 else None, "round")
         if call.op == "avg":
             finish_avg(out, t.world)
 

@@ -71,6 +71,17 @@ class Reducer:
         if self.native and dtype.name == "float16" and not _native.has_float16():
             self.native = False
         self._fallback = (_TORCH_OPS if dtype.is_float else _TORCH_INT_OPS)[op]
+        self._code = REDOPS[op]
+
+    def ranges(self, bufs: dict, dst, a, b) -> None:
+        """dst = a op b for schedule ranges (``Range``) into the flat tensors ``bufs``."""
+        if self.native and bufs[dst.buf].device.type == "cpu":
+            isz = self.dtype.itemsize
+            if dst.count:
+                _native.reduce(bufs[dst.buf].data_ptr() + dst.offset * isz, bufs[a.buf].data_ptr() + a.offset * isz,
+                               bufs[b.buf].data_ptr() + b.offset * isz, dst.count, self.dtype.code, self._code)
+        else:
+            self(bufs[dst.buf][dst.offset:dst.end], bufs[a.buf][a.offset:a.end], bufs[b.buf][b.offset:b.end])
 
     def __call__(self, dst: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         if dst.numel() == 0:

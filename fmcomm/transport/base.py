@@ -10,7 +10,7 @@ number and the peer, raises the error.
 from __future__ import annotations
 
 import abc
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -26,16 +26,37 @@ class Transport(abc.ABC):
     reports_size_mismatch: bool = False
 
     @abc.abstractmethod
-    def isend(self, peer: int, buf: torch.Tensor, tag: int) -> Any:
-        """Start sending ``buf`` (contiguous uint8) to ``peer``; returns a request."""
+    def byte_view(self, t: torch.Tensor) -> Any:
+        """The memory of flat tensor ``t`` as a sliceable byte buffer this engine sends from.
+
+        Raises UnsupportedError if the engine cannot reach that memory (a CUDA tensor
+        on an MPI that is not CUDA-aware, a CPU tensor on NCCL).
+        """
 
     @abc.abstractmethod
-    def irecv(self, peer: int, buf: torch.Tensor, tag: int) -> Any:
-        """Start receiving exactly ``buf.numel()`` bytes from ``peer`` into ``buf``."""
+    def isend(self, peer: int, buf: Any, tag: int) -> Any:
+        """Start sending ``buf`` (a slice of a byte_view) to ``peer``; returns a request."""
+
+    @abc.abstractmethod
+    def irecv(self, peer: int, buf: Any, tag: int) -> Any:
+        """Start receiving exactly ``len(buf)`` bytes from ``peer`` into ``buf`` (a slice of a byte_view)."""
 
     @abc.abstractmethod
     def wait(self, requests: Sequence[Any], deadline: float) -> bool:
         """Wait until all ``requests`` complete; False if ``deadline`` (time.monotonic) passed first."""
+
+    def wait_then(self, first: Sequence[Any], then: Callable[[], None], rest: Sequence[Any],
+                  deadline: float) -> bool:
+        """Wait for ``first`` and ``rest``; call ``then()`` as soon as ``first`` is complete.
+
+        ``then`` runs before this returns, also when ``rest`` times out after ``first``
+        completed; an exception from it propagates. Engines that can wait on everything
+        at once (one poll loop instead of two waits) override this.
+        """
+        if not self.wait(first, deadline):
+            return False
+        then()
+        return self.wait(rest, deadline)
 
     @abc.abstractmethod
     def supports_native(self, collective: str, dtype: DType, op: str, device: str) -> bool:

@@ -33,19 +33,18 @@ class TorchTransport(Transport):
         # Group-relative ranks are what schedules use; torch p2p wants global ranks.
         self._global = [dist.get_global_rank(group, r) if group is not None else r for r in range(self.world)]
 
-    def _check_device(self, t: torch.Tensor) -> None:
+    def byte_view(self, t: torch.Tensor) -> Any:
         on_gpu = t.device.type == "cuda"
         if on_gpu and "nccl" not in self.backend:
             raise UnsupportedError(f"backend {self.backend} cannot move {t.device} tensors point to point")
         if not on_gpu and self.backend == "nccl":
             raise UnsupportedError("backend nccl cannot move CPU tensors; use a gloo group")
+        return t.view(torch.uint8)
 
-    def isend(self, peer: int, buf: torch.Tensor, tag: int) -> Any:
-        self._check_device(buf)
+    def isend(self, peer: int, buf: Any, tag: int) -> Any:
         return dist.isend(buf, self._global[peer], group=self.group, tag=tag)
 
-    def irecv(self, peer: int, buf: torch.Tensor, tag: int) -> Any:
-        self._check_device(buf)
+    def irecv(self, peer: int, buf: Any, tag: int) -> Any:
         return dist.irecv(buf, self._global[peer], group=self.group, tag=tag)
 
     def wait(self, requests: Sequence[Any], deadline: float) -> bool:
