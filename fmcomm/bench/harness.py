@@ -5,7 +5,8 @@ Every rank runs this; rank 0 prints. For each message size and each implementati
 mpi4py, torch.distributed's over gloo) it times ``iters`` calls after ``warmup``,
 out of place and in place. Each call is timed on every rank between barriers; the
 reported time is the median over iterations of the slowest rank's time. All
-implementations run in the same invocation, so their ratios are fair on a noisy box.
+implementations run in the same invocation, so their ratios are fair on a noisy box;
+those on one engine are interleaved iteration by iteration (see _measure_all).
 """
 from __future__ import annotations
 
@@ -143,30 +144,46 @@ def _torch_runner(world: int, op: str) -> Callable:
 
 # ------------------------------------------------------------------ running
 
-def _measure(ctl: Control, run: Callable, coll: Collective, a: BenchArgs, dtype: DType,
-             count: int, pristine: torch.Tensor, expected: torch.Tensor | None, inplace: bool):
-    inp = pristine.clone()
-    out = torch.empty_like(pristine)
-    times = []
+def _measure_all(ctl: Control, runs: list[Callable], a: BenchArgs, dtype: DType, pristine: torch.Tensor,
+                 expected: torch.Tensor | None, inplace: bool) -> list[tuple[float, int | None]]:
+    """(median slowest-rank time in us, #wrong) of each of ``runs``, interleaved.
+
+    Iteration i runs every implementation once before iteration i+1 starts, so a
+    machine that speeds up or slows down mid-run (these are shared and noisy) shifts
+    every implementation alike instead of whichever happened to run then.
+    """
+    bufs = [(pristine.clone(), torch.empty_like(pristine)) for _ in runs]
+    times: list[list[float]] = [[] for _ in runs]
+    n = len(runs)
     for it in range(a.warmup + a.iters):
-        if inplace:
-            out.copy_(pristine)  # a fresh input each call; outside the timed region
-        ctl.barrier()
-        t0 = time.perf_counter()
-        run(inp, out, inplace)
-        dt = time.perf_counter() - t0
-        if it >= a.warmup:
-            times.append(dt)
-    slow = ctl.slowest(times)
-    wrong = None
-    if expected is not None:
-        bad = (out != expected)
-        if dtype.is_float:
-            bad &= ~(torch.isnan(out) & torch.isnan(expected))
-        wrong = ctl.total(int(bad.sum()))
-        if not inplace:
-            wrong += ctl.total(int((inp != pristine).sum()))  # out of place must not touch the input
-    return statistics.median(slow) * 1e6, wrong
+        # The order rotates too: whatever runs just after another engine's call pays
+        # for that engine's leftovers (gloo's threads finishing, caches), so no
+        # implementation may always be the one that pays.
+        for k in [(it + j) % n for j in range(n)]:
+            run = runs[k]
+            inp, out = bufs[k]
+            if inplace:
+                out.copy_(pristine)  # a fresh input each call; outside the timed region
+            ctl.barrier()
+            t0 = time.perf_counter()
+            run(inp, out, inplace)
+            dt = time.perf_counter() - t0
+            if it >= a.warmup:
+                times[k].append(dt)
+    results = []
+    for k in range(len(runs)):
+        slow = ctl.slowest(times[k])
+        wrong = None
+        if expected is not None:
+            inp, out = bufs[k]
+            bad = out != expected
+            if dtype.is_float:
+                bad &= ~(torch.isnan(out) & torch.isnan(expected))
+            wrong = ctl.total(int(bad.sum()))
+            if not inplace:
+                wrong += ctl.total(int((inp != pristine).sum()))  # out of place must not touch the input
+        results.append((statistics.median(slow) * 1e6, wrong))
+    return results
 
 
 def run_bench(a: BenchArgs, out=sys.stdout) -> list[Row]:
@@ -205,15 +222,27 @@ def run_bench(a: BenchArgs, out=sys.stdout) -> list[Row]:
         count = coll.count_for_bytes(nbytes, dtype.itemsize, world)
         pristine = coll.make_input(ctl.rank, world, count, dtype, a.op)
         expected = coll.expected(world, count, dtype, a.op) if a.check else None
-        for impl, algo, run, note in impls:
-            row = Row(impl, algo, count * dtype.itemsize, count, {}, {}, note)
-            if run is not None:
-                try:
-                    for inplace in (False, True):
-                        t, w = _measure(ctl, run, coll, a, dtype, count, pristine, expected, inplace)
-                        row.times_us[inplace], row.wrong[inplace] = t, w
-                except UnsupportedError as e:  # the same on every rank: nothing was sent
-                    row.note, row.times_us, row.wrong = str(e), {}, {}
+        size_rows = [Row(impl, algo, count * dtype.itemsize, count, {}, {}, note) for impl, algo, _, note in impls]
+        live = []
+        for row, (_, _, run, _) in zip(size_rows, impls):
+            if run is None:
+                continue
+            try:
+                run(pristine.clone(), torch.empty_like(pristine), False)  # probe: unsupported is known before timing
+                live.append((row, run))
+            except UnsupportedError as e:  # the same on every rank: nothing was sent
+                row.note = str(e)
+        # Implementations on one engine are interleaved; engines are measured one after
+        # the other, because gloo's threads keep working after its calls return and
+        # would slow whatever MPI call follows (measured: MPI_Allreduce of 4 KiB went
+        # from 11 to 35 us when interleaved with gloo).
+        for engine in sorted({_engine(row, a) for row, _ in live}):
+            group = [(row, run) for row, run in live if _engine(row, a) == engine]
+            for inplace in (False, True):
+                results = _measure_all(ctl, [run for _, run in group], a, dtype, pristine, expected, inplace)
+                for (row, _), (t, w) in zip(group, results):
+                    row.times_us[inplace], row.wrong[inplace] = t, w
+        for row in size_rows:
             rows.append(row)
             if ctl.rank == 0:
                 _print_row(row, coll, dtype, a.op, world, out)
@@ -226,6 +255,10 @@ def run_bench(a: BenchArgs, out=sys.stdout) -> list[Row]:
     if dist.is_initialized() and (created_pg or a.transport == "torch"):
         dist.destroy_process_group()  # gloo aborts at exit if its group is still up
     return rows
+
+
+def _engine(row: Row, a: BenchArgs) -> str:
+    return a.transport if row.impl == "fmcomm" else row.impl
 
 
 def _bw(row: Row, inplace: bool, coll: Collective, world: int) -> tuple[float, float]:
