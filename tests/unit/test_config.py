@@ -15,7 +15,7 @@ EXPECTED_DEFAULTS = {
     "segment_bytes": 1 << 20,
     "native": "auto",
     "check": True,
-    "auto_ring_min_bytes": 4 << 20,
+    "auto_ring_min_bytes": 1 << 20,
 }
 
 
