@@ -9,14 +9,16 @@ Quick start, under ``mpiexec -n 4 python train.py`` or ``torchrun``::
 """
 __version__ = "0.1.0"
 
-from .api import all_reduce, default_communicator, finalize, get_rank, get_world_size, info, init
+from .api import (all_gather, all_reduce, all_to_all_single, barrier, broadcast, default_communicator, finalize,
+                  get_rank, get_world_size, info, init, new_group, reduce, reduce_scatter)
 from .communicator import Communicator, Work
 from .config import Config
 from .errors import (CollectiveError, CommTimeoutError, ConfigError, FmcommError, InitError, InvalidArgument,
                      MismatchError, ScheduleError, TransportError, UnsupportedError)
 
 __all__ = [
-    "init", "finalize", "all_reduce", "info", "get_rank", "get_world_size", "default_communicator",
+    "init", "finalize", "all_reduce", "reduce_scatter", "all_gather", "broadcast", "reduce", "all_to_all_single",
+    "barrier", "new_group", "info", "get_rank", "get_world_size", "default_communicator",
     "Communicator", "Work", "Config",
     "FmcommError", "ConfigError", "InitError", "InvalidArgument", "UnsupportedError", "ScheduleError",
     "CollectiveError", "CommTimeoutError", "MismatchError", "TransportError",

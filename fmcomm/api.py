@@ -105,6 +105,45 @@ def all_reduce(tensor, op: str = "sum", algo: str | None = None, group: Communic
     return comm.all_reduce(tensor, op=op, algo=algo, async_op=async_op, output=output)
 
 
+def reduce_scatter(output, input, op: str = "sum", algo: str | None = None, group: Communicator | None = None,
+                   async_op: bool = False):
+    """Reduce ``input`` (world blocks the size of ``output``) over ranks; rank r gets block r in ``output``."""
+    return (group or default_communicator()).reduce_scatter(output, input, op=op, algo=algo, async_op=async_op)
+
+
+def all_gather(output, input, algo: str | None = None, group: Communicator | None = None, async_op: bool = False):
+    """Concatenate every rank's ``input``, in rank order, into every rank's ``output``."""
+    return (group or default_communicator()).all_gather(output, input, algo=algo, async_op=async_op)
+
+
+def broadcast(tensor, src: int, algo: str | None = None, group: Communicator | None = None, async_op: bool = False):
+    """Rank ``src``'s ``tensor`` into every rank's ``tensor``."""
+    return (group or default_communicator()).broadcast(tensor, src, algo=algo, async_op=async_op)
+
+
+def reduce(tensor, dst: int, op: str = "sum", algo: str | None = None, group: Communicator | None = None,
+           async_op: bool = False):
+    """Reduce ``tensor`` over ranks into rank ``dst``'s ``tensor``; other ranks' tensors are left as they were."""
+    return (group or default_communicator()).reduce(tensor, dst, op=op, algo=algo, async_op=async_op)
+
+
+def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None, algo: str | None = None,
+                      group: Communicator | None = None, async_op: bool = False):
+    """torch.distributed.all_to_all_single's contract: uneven splits along dim 0, zeros allowed."""
+    return (group or default_communicator()).all_to_all_single(
+        output, input, output_split_sizes, input_split_sizes, algo=algo, async_op=async_op)
+
+
+def barrier(group: Communicator | None = None, async_op: bool = False):
+    """Return once every rank of the group has entered the barrier."""
+    return (group or default_communicator()).barrier(async_op=async_op)
+
+
+def new_group(ranks, group: Communicator | None = None) -> Communicator | None:
+    """A communicator over ``ranks`` of ``group`` (default: init's); every rank of ``group`` calls it."""
+    return (group or default_communicator()).new_group(ranks)
+
+
 def get_rank(group: Communicator | None = None) -> int:
     return (group or default_communicator()).rank
 

@@ -12,15 +12,17 @@ import concurrent.futures
 import functools
 import logging
 import threading
+import time
+import zlib
 from typing import Any
 
 import numpy as np
 import torch
 
-from . import algorithms, schedule
+from . import algorithms, schedule, topology
 from .config import Config
 from .dtypes import DType, dtype_of, redop_code
-from .errors import CollectiveError, CommTimeoutError, FmcommError, InvalidArgument
+from .errors import CollectiveError, CommTimeoutError, FmcommError, InvalidArgument, MismatchError
 from .executor import Call, Executor, compile_rounds
 from .kernels import Reducer, resolve_native
 from .select import select
@@ -69,11 +71,38 @@ def as_flat_tensor(obj: Any, what: str) -> tuple[torch.Tensor, DType]:
     raise InvalidArgument(f"{what}: expected a torch.Tensor or numpy.ndarray, got {type(obj).__name__}")
 
 
+def _redop(op) -> str:
+    redop_code(op)  # InvalidArgument naming the op unless it is one fmcomm reduces
+    return op.lower()
+
+
+def _splits(tensor, sizes, world: int, what: str) -> list[int]:
+    """Split sizes in elements: ``sizes`` counts rows of dim 0, as torch's all_to_all_single."""
+    shape = tuple(tensor.shape)
+    rows = shape[0] if shape else 1
+    row = (int(np.prod(shape[1:])) if len(shape) > 1 else 1)
+    if sizes is None:
+        if rows % world:
+            raise InvalidArgument(f"all_to_all_single: {what} dim 0 ({rows}) does not divide by world size "
+                                  f"{world}; pass {what}_split_sizes")
+        return [rows // world * row] * world
+    sizes = [int(x) for x in sizes]
+    if len(sizes) != world:
+        raise InvalidArgument(f"all_to_all_single: {what}_split_sizes has {len(sizes)} entries for {world} ranks")
+    if any(x < 0 for x in sizes):
+        raise InvalidArgument(f"all_to_all_single: {what}_split_sizes {sizes} has a negative size")
+    if sum(sizes) != rows:
+        raise InvalidArgument(f"all_to_all_single: {what}_split_sizes {sizes} sum to {sum(sizes)}, "
+                              f"but dim 0 is {rows}")
+    return [x * row for x in sizes]
+
+
 class Communicator:
     def __init__(self, transport: Transport, config: Config | None = None):
         self.transport = transport
         self.config = config or Config.from_env()
         self.rank, self.world = transport.rank, transport.world
+        self.topology = topology.detect(transport, self.config.node_id, self.config.timeout)
         self.use_native = resolve_native(self.config.native)
         self.executor = Executor(transport, self.config.timeout, self.config.check)
         self._seq = 0
@@ -84,11 +113,14 @@ class Communicator:
 
     # ---------------------------------------------------------------- plans
     @functools.lru_cache(maxsize=256)
-    def _plan(self, collective: str, algo: str, count: int, itemsize: int):
+    def _plan(self, collective: str, algo: str, itemsize: int, input_count: int, output_count: int,
+              params: tuple):
+        """Build every rank's schedule, validate it once, and compile this rank's part."""
         fn = algorithms.REGISTRY[(collective, algo)]
-        full = schedule.build(collective, algo, fn, self.world, count, count, count=count)
-        schedule.validate(full)
-        return compile_rounds(full.ranks[self.rank], itemsize, self.config.segment_bytes)
+        full = schedule.build(collective, algo, fn, self.world, input_count, output_count, **dict(params))
+        # A reduce leaves its non-root outputs alone; every other collective writes all.
+        schedule.validate(full, output_written=collective != "reduce")
+        return compile_rounds(full.ranks[self.rank], itemsize, self.config.segment_bytes, self.topology.node_of)
 
     # ------------------------------------------------------------ execution
     def _next_seq(self) -> int:
@@ -124,6 +156,36 @@ class Communicator:
             fut.result()
 
     # ----------------------------------------------------------- collectives
+    def _launch(self, collective: str, inp: torch.Tensor, out: torch.Tensor, dtype: DType, op: str,
+                algo: str | None, async_op: bool, input_count: int, output_count: int, params: tuple,
+                header_count: int, root: int = -1, average: bool = True):
+        """Select, plan and run one collective (the path every public call takes)."""
+        device = inp.device.type
+        name = select(collective, max(inp.numel(), out.numel()) * dtype.itemsize, dtype, op, device,
+                      self.transport, self.config, algo)
+        seq = self._next_seq()
+        call = Call(collective, name, header_count, dtype, op, seq, root)
+        if name == algorithms.NATIVE:
+            run = functools.partial(self.executor.run_native, call, inp, out)
+        else:
+            plan = self._plan(collective, name, dtype.itemsize, input_count, output_count, params)
+            reducer = Reducer(dtype, op, self.use_native)
+            run = functools.partial(self.executor.run_schedule, call, plan, inp, out, reducer, average)
+        log.debug("rank %d seq %d %s %s %d x %s op %s", self.rank, seq, collective, name, header_count,
+                  dtype.name, op)
+        return self._submit(run, async_op)
+
+    def _root(self, root: int, what: str) -> int:
+        if not isinstance(root, int) or not 0 <= root < self.world:
+            raise InvalidArgument(f"{what} {root!r} is outside this group of {self.world} ranks")
+        return root
+
+    @staticmethod
+    def _same_kind(a: torch.Tensor, b: torch.Tensor, adtype: DType, bdtype: DType, what: str) -> None:
+        if adtype != bdtype or a.device != b.device:
+            raise InvalidArgument(f"{what}: output and input must share dtype and device "
+                                  f"({adtype.name} on {a.device} vs {bdtype.name} on {b.device})")
+
     def all_reduce(self, tensor, op: str = "sum", algo: str | None = None, async_op: bool = False,
                    output=None):
         """Reduce ``tensor`` over all ranks; every rank gets the result in place.
@@ -132,27 +194,110 @@ class Communicator:
         was (MPI's out-of-place form). Returns a :class:`Work` if ``async_op``.
         """
         inp, dtype = as_flat_tensor(tensor, "all_reduce tensor")
-        op = op.lower() if isinstance(op, str) else op
-        redop_code(op)
+        op = _redop(op)
         out = inp
         if output is not None:
             out, odtype = as_flat_tensor(output, "all_reduce output")
             if odtype != dtype or out.numel() != inp.numel() or out.device != inp.device:
                 raise InvalidArgument(f"all_reduce output must match the input: {inp.numel()} {dtype.name} "
                                       f"on {inp.device}, got {out.numel()} {odtype.name} on {out.device}")
-        device = inp.device.type
-        name = select("all_reduce", inp.numel() * dtype.itemsize, dtype, op, device, self.transport,
-                      self.config, algo)
-        seq = self._next_seq()
-        call = Call("all_reduce", name, inp.numel(), dtype, op, seq)
-        if name == algorithms.NATIVE:
-            run = functools.partial(self.executor.run_native, call, inp, out)
-        else:
-            plan = self._plan("all_reduce", name, inp.numel(), dtype.itemsize)
-            reducer = Reducer(dtype, op, self.use_native)
-            run = functools.partial(self.executor.run_schedule, call, plan, inp, out, reducer)
-        log.debug("rank %d seq %d all_reduce %s %d x %s op %s", self.rank, seq, name, inp.numel(), dtype.name, op)
-        return self._submit(run, async_op)
+        n = inp.numel()
+        return self._launch("all_reduce", inp, out, dtype, op, algo, async_op, n, n, (("count", n),), n)
+
+    def reduce_scatter(self, output, input, op: str = "sum", algo: str | None = None, async_op: bool = False):
+        """Reduce ``input`` (world blocks of ``output``'s size) over all ranks; rank r gets block r."""
+        out, odtype = as_flat_tensor(output, "reduce_scatter output")
+        inp, idtype = as_flat_tensor(input, "reduce_scatter input")
+        self._same_kind(out, inp, odtype, idtype, "reduce_scatter")
+        n = out.numel()
+        if inp.numel() != n * self.world:
+            raise InvalidArgument(f"reduce_scatter: input has {inp.numel()} elements, expected world size "
+                                  f"{self.world} x output's {n}")
+        return self._launch("reduce_scatter", inp, out, idtype, _redop(op), algo, async_op, n * self.world, n,
+                            (("count", n),), n)
+
+    def all_gather(self, output, input, algo: str | None = None, async_op: bool = False):
+        """Every rank's ``input`` concatenated in rank order into every rank's ``output``."""
+        out, odtype = as_flat_tensor(output, "all_gather output")
+        inp, idtype = as_flat_tensor(input, "all_gather input")
+        self._same_kind(out, inp, odtype, idtype, "all_gather")
+        n = inp.numel()
+        if out.numel() != n * self.world:
+            raise InvalidArgument(f"all_gather: output has {out.numel()} elements, expected world size "
+                                  f"{self.world} x input's {n}")
+        return self._launch("all_gather", inp, out, idtype, "sum", algo, async_op, n, n * self.world,
+                            (("count", n),), n)
+
+    def broadcast(self, tensor, src: int, algo: str | None = None, async_op: bool = False):
+        """Rank ``src``'s ``tensor`` into every rank's ``tensor``."""
+        t, dtype = as_flat_tensor(tensor, "broadcast tensor")
+        src = self._root(src, "broadcast src")
+        n = t.numel()
+        return self._launch("broadcast", t, t, dtype, "sum", algo, async_op, n, n,
+                            (("count", n), ("root", src)), n, root=src)
+
+    def reduce(self, tensor, dst: int, op: str = "sum", algo: str | None = None, async_op: bool = False):
+        """Reduce ``tensor`` over all ranks into rank ``dst``'s ``tensor``; other ranks' tensors are untouched."""
+        t, dtype = as_flat_tensor(tensor, "reduce tensor")
+        dst = self._root(dst, "reduce dst")
+        n = t.numel()
+        return self._launch("reduce", t, t, dtype, _redop(op), algo, async_op, n, n,
+                            (("count", n), ("root", dst)), n, root=dst, average=self.rank == dst)
+
+    def all_to_all_single(self, output, input, output_split_sizes=None, input_split_sizes=None,
+                          algo: str | None = None, async_op: bool = False):
+        """Rank i's block j of ``input`` to rank j's block i of ``output``, as torch's all_to_all_single.
+
+        Split sizes count rows of dim 0 (elements for 1-D tensors); without them dim 0
+        is divided evenly. Ranks learn each other's splits in one small all-reduce, so
+        splits that do not pair up raise MismatchError instead of hanging.
+        """
+        out, odtype = as_flat_tensor(output, "all_to_all_single output")
+        inp, idtype = as_flat_tensor(input, "all_to_all_single input")
+        self._same_kind(out, inp, odtype, idtype, "all_to_all_single")
+        send = _splits(input, input_split_sizes, self.world, "input")
+        recv = _splits(output, output_split_sizes, self.world, "output")
+        matrix = self._exchange_splits(send)
+        for peer in range(self.world):
+            if matrix[peer][self.rank] != recv[peer]:
+                raise MismatchError(f"all_to_all_single: rank {peer} sends {matrix[peer][self.rank]} elements "
+                                    f"here, but output_split_sizes expects {recv[peer]}",
+                                    rank=self.rank, op="all_to_all", peer=peer)
+        counts = tuple(tuple(row) for row in matrix)
+        key = zlib.crc32(repr(counts).encode())
+        return self._launch("all_to_all", inp, out, idtype, "sum", algo, async_op, inp.numel(), out.numel(),
+                            (("counts", counts),), key)
+
+    def _exchange_splits(self, send: list[int]) -> list[list[int]]:
+        """Every rank's send counts (one row each), through the engine's all-reduce."""
+        self._drain()  # the exchange is a collective: it must follow earlier async calls
+        m = torch.zeros(self.world * self.world, dtype=torch.int64)
+        m[self.rank * self.world:(self.rank + 1) * self.world] = torch.tensor(send, dtype=torch.int64)
+        if self.world > 1:
+            req = self.transport.native_all_reduce(m, m, dtype_of("int64"), "sum")
+            if not self.transport.wait([req], time.monotonic() + self.config.timeout):
+                raise CommTimeoutError("split sizes were not exchanged within the timeout",
+                                       rank=self.rank, op="all_to_all")
+        flat = m.tolist()
+        return [flat[i * self.world:(i + 1) * self.world] for i in range(self.world)]
+
+    def barrier(self, async_op: bool = False):
+        """Return once every rank has entered the barrier."""
+        empty = torch.empty(0, dtype=torch.int32)
+        return self._launch("barrier", empty, empty, dtype_of("int32"), "sum", None, async_op, 0, 0, (), 0)
+
+    def new_group(self, ranks) -> "Communicator | None":
+        """A communicator over ``ranks`` (of this one), made by every rank of this one.
+
+        Returns None on ranks not in ``ranks``, as torch.distributed.new_group gives
+        them no usable group.
+        """
+        ranks = list(ranks)
+        if sorted(set(ranks)) != sorted(ranks) or any(not 0 <= r < self.world for r in ranks):
+            raise InvalidArgument(f"new_group ranks {ranks} must be distinct ranks of 0..{self.world - 1}")
+        self._drain()
+        sub = self.transport.subgroup(ranks)
+        return Communicator(sub, self.config) if sub is not None else None
 
     def close(self) -> None:
         try:

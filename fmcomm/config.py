@@ -66,11 +66,14 @@ def _choice(*allowed: str) -> Callable[[Any], str]:
 
 
 def _parse_algo(text: Any) -> str:
-    # Checked against the algorithm registry when a collective runs (the registry
-    # depends on the collective); here only the shape of the name.
+    # One name (used by every collective that has an algorithm of that name, the
+    # others choosing automatically) or, as NCCL_ALGO, per collective:
+    # "all_reduce:ring;broadcast:chain". Names are checked against the registry when
+    # a collective runs; here only the shape.
     t = str(text).strip().lower()
-    if not re.fullmatch(r"[a-z][a-z0-9_]*", t):
-        raise ConfigError(f"{text!r} is not an algorithm name")
+    name = r"[a-z][a-z0-9_]*"
+    if not (re.fullmatch(name, t) or re.fullmatch(rf"{name}:{name}(;{name}:{name})*;?", t)):
+        raise ConfigError(f"{text!r} is not an algorithm name or a list like all_reduce:ring;broadcast:chain")
     return t
 
 
@@ -95,7 +98,9 @@ class Option:
 
 OPTIONS: tuple[Option, ...] = (
     Option("algo", "auto", _parse_algo,
-           "Algorithm for every collective unless a call passes `algo=`: `auto`, `ring` or `native`."),
+           "Algorithm unless a call passes `algo=`: `auto`, `native` or a schedule's name (README: "
+           "Algorithms), used by every collective that has it; or per collective, "
+           "`all_reduce:ring;broadcast:chain`."),
     Option("transport", "auto", _choice("auto", "mpi", "torch"),
            "Engine that moves the bytes. `auto`: an existing torch.distributed group if one is "
            "initialized, else MPI when launched by mpiexec/mpirun/srun, else torch.distributed."),
@@ -114,6 +119,8 @@ OPTIONS: tuple[Option, ...] = (
            "Before each collective, peers exchange a small header (operation, sequence number, "
            "count, dtype, reduction, algorithm) so ranks that disagree get `MismatchError` instead "
            "of a hang or a wrong result."),
+    Option("node_id", "", str,
+           "Name of the node this rank runs on; empty: the hostname. Ranks with one name share a node."),
     Option("auto_ring_min_bytes", 1 << 20, parse_size,
            "`auto` all-reduce rule until the tuner exists: the engine's native all-reduce below this "
            "many bytes (where it supports the dtype and op), `ring` from here up (0: never prefer ring). "
@@ -132,6 +139,7 @@ class Config:
     segment_bytes: int = 1 << 20
     native: str = "auto"
     check: bool = True
+    node_id: str = ""
     auto_ring_min_bytes: int = 1 << 20
 
     @classmethod

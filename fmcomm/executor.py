@@ -114,6 +114,16 @@ class CompiledSchedule:
     send_to: frozenset[int]
     recv_from: frozenset[int]
     scratch_count: int
+    wire_bytes: int  # data bytes this rank sends per run (headers not counted)
+    inter_node_bytes: int  # of which to ranks on other nodes
+
+
+@dataclasses.dataclass
+class TrafficStats:
+    """Data bytes this rank sent, counted by the executor from the plans it ran."""
+    wire_bytes: int = 0
+    inter_node_bytes: int = 0
+    calls: int = 0
 
 
 def _segments(peer: int, r: Range, seg: int, isz: int) -> list[_Msg]:
@@ -130,7 +140,8 @@ def _deps(rng: Range, recvs: list[_Msg], isz: int) -> tuple[int, ...]:
     return tuple(i for i, m in enumerate(recvs) if _same_memory(m.buf, rng.buf) and m.start < hi and lo < m.end)
 
 
-def compile_rounds(rs: RankSchedule, itemsize: int, segment_bytes: int) -> CompiledSchedule:
+def compile_rounds(rs: RankSchedule, itemsize: int, segment_bytes: int,
+                   node_of: tuple[int, ...] | None = None) -> CompiledSchedule:
     seg = max(1, segment_bytes // itemsize)
     out = []
     for rnd in rs.rounds:
@@ -156,7 +167,10 @@ def compile_rounds(rs: RankSchedule, itemsize: int, segment_bytes: int) -> Compi
                 locals_.append(_Local("copy", s.dst, s.src, None, _deps(s.src, recvs, itemsize)))
         out.append(_Round(tuple(recvs), tuple(sends), tuple(locals_)))
     send_to, recv_from = rs.peers()
-    return CompiledSchedule(tuple(out), frozenset(send_to), frozenset(recv_from), rs.scratch_count)
+    sent = [(m.peer, m.end - m.start) for r in out for m in r.sends]
+    wire = sum(n for _, n in sent)
+    inter = sum(n for p, n in sent if node_of is not None and node_of[p] != node_of[rs.rank])
+    return CompiledSchedule(tuple(out), frozenset(send_to), frozenset(recv_from), rs.scratch_count, wire, inter)
 
 
 # ------------------------------------------------------------------ execution
@@ -165,6 +179,7 @@ class Executor:
     def __init__(self, transport: Transport, timeout: float, check: bool):
         self.transport, self.timeout, self.check = transport, timeout, check
         self._scratch: torch.Tensor | None = None
+        self.stats = TrafficStats()
 
     # --- helpers that turn transport failures into errors that say where
     def _wait(self, reqs: list, call: Call, peer: int | None, what: str) -> None:
@@ -273,7 +288,9 @@ class Executor:
 
     # --- the two ways to run a collective
     def run_schedule(self, call: Call, plan: CompiledSchedule, inp: torch.Tensor, out: torch.Tensor,
-                     reducer: Reducer) -> None:
+                     reducer: Reducer, average: bool = True) -> None:
+        """Run ``plan``; for op avg, divide ``out`` at the end unless ``average`` is False
+        (a reduce's non-root ranks hold no result)."""
         t = self.transport
         headers = self.post_headers(call, plan.send_to, plan.recv_from, out.device)
         if not t.reports_size_mismatch:
@@ -327,8 +344,11 @@ class Executor:
             if pending:
                 peers = {m.peer for m in rnd.recvs} | {m.peer for m in rnd.sends}
                 self._wait(pending, call, peers.pop() if len(peers) == 1 else None, "round")
-        if call.op == "avg":
+        if call.op == "avg" and average:
             finish_avg(out, t.world)
+        self.stats.wire_bytes += plan.wire_bytes
+        self.stats.inter_node_bytes += plan.inter_node_bytes
+        self.stats.calls += 1
 
     def run_native(self, call: Call, inp: torch.Tensor, out: torch.Tensor) -> None:
         self.check_native(call)

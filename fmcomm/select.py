@@ -16,10 +16,34 @@ from .errors import InvalidArgument, UnsupportedError
 from .transport.base import Transport
 
 
+# auto for the collectives that have no measured rule yet: the schedule MPI and NCCL
+# default to for mid-size messages on few ranks.
+DEFAULT_SCHEDULE = {
+    "all_reduce": "ring",
+    "reduce_scatter": "ring",
+    "all_gather": "ring",
+    "broadcast": "binomial",
+    "reduce": "binomial",
+    "all_to_all": "pairwise",
+    "barrier": "dissemination",
+}
+
+
+def configured(collective: str, setting: str) -> str:
+    """The algorithm FMCOMM_ALGO asks for ``collective`` (``auto`` where it names none for it)."""
+    if ":" not in setting:
+        return setting if setting in names(collective) else AUTO
+    for part in filter(None, setting.split(";")):
+        coll, name = part.split(":")
+        if coll == collective:
+            return name
+    return AUTO
+
+
 def select(collective: str, nbytes: int, dtype: DType, op: str, device: str,
            transport: Transport, config: Config, algo: str | None = None) -> str:
     """The algorithm to run: ``algo`` if given, else the configured one, resolving ``auto``."""
-    algo = (algo or config.algo).lower()
+    algo = algo.lower() if algo else configured(collective, config.algo)
     if algo not in names(collective):
         raise InvalidArgument(f"unknown algorithm {algo!r} for {collective}; choose from {', '.join(names(collective))}")
     native_ok = transport.supports_native(collective, dtype, op, device)
@@ -28,8 +52,12 @@ def select(collective: str, nbytes: int, dtype: DType, op: str, device: str,
                                f"{dtype.name} {op} on {device}; use algo='ring' or 'auto'")
     if algo != AUTO:
         return algo
-    if native_ok and not (config.auto_ring_min_bytes and nbytes >= config.auto_ring_min_bytes):
+    if collective == "all_reduce":
+        if native_ok and not (config.auto_ring_min_bytes and nbytes >= config.auto_ring_min_bytes):
+            return NATIVE
+    default = DEFAULT_SCHEDULE.get(collective)
+    if (collective, default) in REGISTRY:
+        return default
+    if native_ok:
         return NATIVE
-    if (collective, "ring") in REGISTRY:
-        return "ring"
     raise UnsupportedError(f"no algorithm can run {collective} of {dtype.name} {op} on {transport.name}")

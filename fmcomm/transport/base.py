@@ -69,6 +69,11 @@ class Transport(abc.ABC):
         ``op`` is sum, prod, min or max: avg is sum followed by the executor's division.
         """
 
+    def subgroup(self, ranks: Sequence[int]) -> "Transport | None":
+        """A transport over ``ranks`` of this one (None on ranks outside); every rank calls it."""
+        from ..errors import UnsupportedError
+        raise UnsupportedError(f"the {self.name} transport cannot make sub-groups")
+
     @abc.abstractmethod
     def close(self) -> None:
         """Release what the transport created (not what it was handed)."""

@@ -125,6 +125,16 @@ class MPITransport(Transport):
         send = MPI.IN_PLACE if inp.data_ptr() == out.data_ptr() else [self.byte_view(inp), inp.numel(), mpi_type]
         return self.comm.Iallreduce(send, recv, self._ops["sum" if op == "avg" else op])
 
+    def subgroup(self, ranks):
+        index = {r: i for i, r in enumerate(ranks)}
+        color = 0 if self.rank in index else MPI.UNDEFINED
+        part = self.comm.Split(color, index.get(self.rank, 0))
+        if part == MPI.COMM_NULL:
+            return None
+        sub = MPITransport(part)
+        part.Free()
+        return sub
+
     def close(self) -> None:
         if self.comm is not None and MPI is not None and not MPI.Is_finalized():
             self.comm.Free()

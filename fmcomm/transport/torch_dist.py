@@ -68,6 +68,13 @@ class TorchTransport(Transport):
             out.copy_(inp)
         return dist.all_reduce(out, op=_OPS[op], group=self.group, async_op=True)
 
+    def subgroup(self, ranks):
+        # torch.distributed.new_group must be called by every process of the default
+        # group, members or not; fmcomm's new_group is called by every rank of this one,
+        # which is the default group when this transport runs on it.
+        group = dist.new_group([self._global[r] for r in ranks])
+        return TorchTransport(group) if self.rank in ranks else None
+
     def close(self) -> None:
         pass  # the process group belongs to the caller
 

@@ -15,6 +15,7 @@ EXPECTED_DEFAULTS = {
     "segment_bytes": 1 << 20,
     "native": "auto",
     "check": True,
+    "node_id": "",
     "auto_ring_min_bytes": 1 << 20,
 }
 
@@ -173,3 +174,23 @@ def test_markdown_table_lists_every_option_env_name_and_default():
     for opt, line in zip(OPTIONS, lines[2:]):
         assert f"`{opt.name}`" in line and f"`{opt.env}`" in line
     assert table.count("`1M`") == 2  # both byte defaults (segment_bytes, auto_ring_min_bytes) shown with a suffix
+
+
+@pytest.mark.parametrize("raw", ["all_reduce:ring", "all_reduce:ring;broadcast:chain", "all_reduce:tree;"])
+def test_algo_per_collective(raw):
+    assert Config.from_env({"FMCOMM_ALGO": raw}).algo == raw
+
+
+@pytest.mark.parametrize("raw", ["all_reduce:", ":ring", "all_reduce:ring;;x", "all_reduce=ring"])
+def test_algo_per_collective_bad_shapes(raw):
+    with pytest.raises(fmcomm.ConfigError, match="FMCOMM_ALGO"):
+        Config.from_env({"FMCOMM_ALGO": raw})
+
+
+def test_configured_algorithm_per_collective():
+    from fmcomm.select import configured
+    assert configured("all_reduce", "all_reduce:ring;broadcast:chain") == "ring"
+    assert configured("broadcast", "all_reduce:ring;broadcast:chain") == "chain"
+    assert configured("all_gather", "all_reduce:ring;broadcast:chain") == "auto"
+    assert configured("all_reduce", "ring") == "ring"
+    assert configured("barrier", "ring") == "auto"  # a single name applies where it exists
