@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     b = sub.add_parser("bench", help="benchmark a collective beside MPI and torch.distributed (nccl-tests columns)")
-    b.add_argument("collective", choices=["all_reduce"])
+    from .bench.collectives import COLLECTIVES
+    b.add_argument("collective", choices=sorted(COLLECTIVES))
     b.add_argument("-n", "--nranks", type=int, default=None, help="start this many local ranks through mpiexec")
     b.add_argument("-b", "--minbytes", type=_size, default=_size("4K"))
     b.add_argument("-e", "--maxbytes", type=_size, default=_size("64M"))

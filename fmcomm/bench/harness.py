@@ -53,6 +53,8 @@ class Row:
     times_us: dict[bool, float]  # inplace -> median slowest-rank time
     wrong: dict[bool, int | None]
     note: str = ""
+    wire_bytes: int | None = None  # per call, this rank (fmcomm schedules only)
+    inter_node_bytes: int | None = None
 
 
 def sizes(a: BenchArgs) -> list[int]:
@@ -87,72 +89,16 @@ class Control:
         return self.comm.allreduce(n, op=self.MPI.SUM)
 
 
-# ------------------------------------------------------------ implementations
-# Each maker returns run(inp, out, inplace) or raises UnsupportedError.
-
-def _fmcomm_runner(comm, algo: str, op: str) -> Callable:
-    def run(inp, out, inplace):
-        if inplace:
-            comm.all_reduce(out, op=op, algo=algo)
-        else:
-            comm.all_reduce(inp, op=op, algo=algo, output=out)
-    return run
-
-
-_MPI_TYPES = {"float32": "FLOAT", "float64": "DOUBLE", "int32": "INT32_T", "int64": "INT64_T", "float16": "FLOAT16_T"}
-
-
-def _mpi_runner(ctl: Control, dtype: DType, op: str) -> Callable:
-    MPI = ctl.MPI
-    tname = _MPI_TYPES.get(dtype.name)
-    if tname is None or getattr(MPI, tname, MPI.DATATYPE_NULL) == MPI.DATATYPE_NULL:
-        raise UnsupportedError(f"MPI has no {dtype.name} type here")
-    mtype = getattr(MPI, tname)
-    mop = {"sum": MPI.SUM, "avg": MPI.SUM, "prod": MPI.PROD, "min": MPI.MIN, "max": MPI.MAX}[op]
-    comm = ctl.comm
-
-    def run(inp, out, inplace):
-        rb = [out.view(torch.uint8).numpy(), out.numel(), mtype]
-        sb = MPI.IN_PLACE if inplace else [inp.view(torch.uint8).numpy(), inp.numel(), mtype]
-        comm.Allreduce(sb, rb, op=mop)
-        if op == "avg":
-            _avg(out, ctl.world)
-    return run
-
-
-def _avg(t: torch.Tensor, world: int) -> None:
-    if t.is_floating_point():
-        t.div_(world)
-    else:
-        t.div_(world, rounding_mode="trunc")
-
-
-def _torch_runner(world: int, op: str) -> Callable:
-    import torch.distributed as dist
-    rop = {"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.SUM, "prod": dist.ReduceOp.PRODUCT,
-           "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op]
-
-    def run(inp, out, inplace):
-        # torch's all_reduce is in place only: out of place is a copy, then the in-place call.
-        if not inplace:
-            out.copy_(inp)
-        dist.all_reduce(out, op=rop)
-        if op == "avg":
-            _avg(out, world)
-    return run
-
-
-# ------------------------------------------------------------------ running
-
 def _measure_all(ctl: Control, runs: list[Callable], a: BenchArgs, dtype: DType, pristine: torch.Tensor,
-                 expected: torch.Tensor | None, inplace: bool) -> list[tuple[float, int | None]]:
+                 out_numel: int, expected: torch.Tensor | None, inplace: bool) -> list[tuple[float, int | None]]:
     """(median slowest-rank time in us, #wrong) of each of ``runs``, interleaved.
 
     Iteration i runs every implementation once before iteration i+1 starts, so a
     machine that speeds up or slows down mid-run (these are shared and noisy) shifts
     every implementation alike instead of whichever happened to run then.
     """
-    bufs = [(pristine.clone(), torch.empty_like(pristine)) for _ in runs]
+    bufs = [(pristine.clone(), pristine.clone() if inplace else torch.zeros(out_numel, dtype=pristine.dtype))
+            for _ in runs]
     times: list[list[float]] = [[] for _ in runs]
     n = len(runs)
     for it in range(a.warmup + a.iters):
@@ -198,18 +144,18 @@ def run_bench(a: BenchArgs, out=sys.stdout) -> list[Row]:
     created_pg = False
     impls: list[tuple[str, str, Callable | None, str]] = []
     for algo in a.algos:
-        impls.append(("fmcomm", algo, _fmcomm_runner(comm, algo, a.op), ""))
+        impls.append(("fmcomm", algo, coll.fmcomm(comm, algo, a.op), ""))
     for peer in a.peers:
         try:
             if peer == "mpi":
-                impls.append(("mpi", "MPI_Allreduce", _mpi_runner(ctl, dtype, a.op), ""))
+                impls.append(("mpi", _MPI_NAMES[coll.name], coll.mpi(ctl, dtype, a.op), ""))
             elif peer == "torch":
                 import torch.distributed as dist
                 if not dist.is_initialized():
                     from ..transport.torch_dist import init_default_group
                     init_default_group(ctl.rank, ctl.world, mpi_comm=ctl.comm)
                     created_pg = True
-                impls.append(("torch", f"{dist.get_backend()}.all_reduce", _torch_runner(world, a.op), ""))
+                impls.append(("torch", f"{dist.get_backend()}.{_TORCH_NAMES[coll.name]}", coll.torch(world, a.op), ""))
             else:
                 raise FmcommError(f"unknown peer {peer!r}; peers are mpi, torch")
         except UnsupportedError as e:
@@ -219,16 +165,18 @@ def run_bench(a: BenchArgs, out=sys.stdout) -> list[Row]:
     if ctl.rank == 0:
         _print_header(a, world, dtype, out)
     for nbytes in sizes(a):
-        count = coll.count_for_bytes(nbytes, dtype.itemsize, world)
+        count, in_numel, out_numel, shown = coll.shape(nbytes, dtype.itemsize, world)
         pristine = coll.make_input(ctl.rank, world, count, dtype, a.op)
-        expected = coll.expected(world, count, dtype, a.op) if a.check else None
-        size_rows = [Row(impl, algo, count * dtype.itemsize, count, {}, {}, note) for impl, algo, _, note in impls]
+        expected = coll.expected(ctl.rank, world, count, dtype, a.op) if a.check else None
+        size_rows = [Row(impl, algo, shown, count, {}, {}, note) for impl, algo, _, note in impls]
         live = []
         for row, (_, _, run, _) in zip(size_rows, impls):
             if run is None:
                 continue
             try:
-                run(pristine.clone(), torch.empty_like(pristine), False)  # probe: unsupported is known before timing
+                # A probe call: what is unsupported is known before timing starts.
+                scratch_out = pristine.clone() if coll.placements == (True,) else torch.zeros(out_numel, dtype=pristine.dtype)
+                run(pristine.clone(), scratch_out, coll.placements == (True,))
                 live.append((row, run))
             except UnsupportedError as e:  # the same on every rank: nothing was sent
                 row.note = str(e)
@@ -238,10 +186,13 @@ def run_bench(a: BenchArgs, out=sys.stdout) -> list[Row]:
         # from 11 to 35 us when interleaved with gloo).
         for engine in sorted({_engine(row, a) for row, _ in live}):
             group = [(row, run) for row, run in live if _engine(row, a) == engine]
-            for inplace in (False, True):
-                results = _measure_all(ctl, [run for _, run in group], a, dtype, pristine, expected, inplace)
+            for inplace in coll.placements:
+                before = comm.executor.stats.wire_bytes, comm.executor.stats.inter_node_bytes, comm.executor.stats.calls
+                results = _measure_all(ctl, [run for _, run in group], a, dtype, pristine, out_numel, expected,
+                                       inplace)
                 for (row, _), (t, w) in zip(group, results):
                     row.times_us[inplace], row.wrong[inplace] = t, w
+                _traffic(comm, group, before)
         for row in size_rows:
             rows.append(row)
             if ctl.rank == 0:
@@ -255,6 +206,28 @@ def run_bench(a: BenchArgs, out=sys.stdout) -> list[Row]:
     if dist.is_initialized() and (created_pg or a.transport == "torch"):
         dist.destroy_process_group()  # gloo aborts at exit if its group is still up
     return rows
+
+
+_MPI_NAMES = {"all_reduce": "MPI_Allreduce", "reduce_scatter": "MPI_Reduce_scatter",
+              "all_gather": "MPI_Allgather", "broadcast": "MPI_Bcast", "reduce": "MPI_Reduce",
+              "all_to_all": "MPI_Alltoallv"}
+_TORCH_NAMES = {"all_reduce": "all_reduce", "reduce_scatter": "reduce_scatter_tensor",
+                "all_gather": "all_gather_into_tensor", "broadcast": "broadcast", "reduce": "reduce",
+                "all_to_all": "all_to_all_single"}
+
+
+def _traffic(comm, group, before) -> None:
+    """Bytes per call that fmcomm's executor sent, when one fmcomm row ran in this group.
+
+    The executor counts what its plans send; with several fmcomm rows in one group
+    the counts would mix, so they are attributed only when the group has one.
+    """
+    fm = [row for row, _ in group if row.impl == "fmcomm"]
+    stats = comm.executor.stats
+    calls = stats.calls - before[2]
+    if len(fm) == 1 and calls:
+        fm[0].wire_bytes = (stats.wire_bytes - before[0]) // calls
+        fm[0].inter_node_bytes = (stats.inter_node_bytes - before[1]) // calls
 
 
 def _engine(row: Row, a: BenchArgs) -> str:
@@ -272,24 +245,27 @@ def _bw(row: Row, inplace: bool, coll: Collective, world: int) -> tuple[float, f
 def _print_header(a: BenchArgs, world: int, dtype: DType, out) -> None:
     print(f"# fmcomm bench {a.collective}: {world} ranks on {socket.gethostname()}, dtype {dtype.name}, "
           f"op {a.op}, iters {a.iters}, warmup {a.warmup}, fmcomm transport {a.transport}", file=out)
-    print("# time: median over iterations of the slowest rank; busbw as nccl-tests (all_reduce x 2(n-1)/n)",
-          file=out)
-    print(f"#{'impl':>7} {'algo':>16} {'size':>12} {'count':>11} {'type':>8} {'redop':>6}"
+    print(f"# time: median over iterations of the slowest rank; busbw = algbw x {COLLECTIVES[a.collective].busbw_factor(world):.3f}"
+          f" ({a.collective}, nccl-tests' factor)", file=out)
+    print(f"#{'impl':>7} {'algo':>24} {'size':>12} {'count':>11} {'type':>8} {'redop':>6}"
           f" {'time':>10} {'algbw':>7} {'busbw':>7} {'#wrong':>6}"
           f" {'time':>10} {'algbw':>7} {'busbw':>7} {'#wrong':>6}", file=out)
-    print(f"#{'':>7} {'':>16} {'(B)':>12} {'(elements)':>11} {'':>8} {'':>6}"
+    print(f"#{'':>7} {'':>24} {'(B)':>12} {'(elements)':>11} {'':>8} {'':>6}"
           f" {'(us)':>10} {'(GB/s)':>7} {'(GB/s)':>7} {'':>6}"
           f" {'(us)':>10} {'(GB/s)':>7} {'(GB/s)':>7} {'':>6}", file=out)
-    print(f"#{'':>7} {'':>16} {'':>12} {'':>11} {'':>8} {'':>6} {'out-of-place':>33} {'in-place':>33}", file=out)
+    print(f"#{'':>7} {'':>24} {'':>12} {'':>11} {'':>8} {'':>6} {'out-of-place':>33} {'in-place':>33}", file=out)
     out.flush()
 
 
 def _print_row(row: Row, coll: Collective, dtype: DType, op: str, world: int, out) -> None:
-    line = f" {row.impl:>7} {row.algo:>16} {row.nbytes:>12} {row.count:>11} {dtype.name:>8} {op:>6}"
+    line = f" {row.impl:>7} {row.algo:>24} {row.nbytes:>12} {row.count:>11} {dtype.name:>8} {op:>6}"
     if not row.times_us:
         print(line + f"  unavailable: {row.note}", file=out)
         return
     for inplace in (False, True):
+        if inplace not in row.times_us:  # a placement this collective does not have
+            line += f" {'-':>10} {'-':>7} {'-':>7} {'-':>6}"
+            continue
         algbw, busbw = _bw(row, inplace, coll, world)
         w = row.wrong.get(inplace)
         line += f" {row.times_us[inplace]:>10.1f} {algbw:>7.3f} {busbw:>7.3f} {('N/A' if w is None else w):>6}"
@@ -301,12 +277,12 @@ def _print_summary(rows: list[Row], coll: Collective, world: int, out) -> None:
     by_impl: dict[tuple[str, str], list[float]] = {}
     for r in rows:
         if r.times_us:
-            by_impl.setdefault((r.impl, r.algo), []).append(_bw(r, False, coll, world)[1])
-    print("# Avg bus bandwidth (out-of-place, GB/s):", file=out)
+            by_impl.setdefault((r.impl, r.algo), []).append(_bw(r, coll.placements[0], coll, world)[1])
+    print(f"# Avg bus bandwidth ({'in-place' if coll.placements[0] else 'out-of-place'}, GB/s):", file=out)
     for (impl, algo), bws in by_impl.items():
         bws = [b for b in bws if b == b]
         if bws:
-            print(f"#   {impl:>7} {algo:>16}: {sum(bws) / len(bws):.3f}", file=out)
+            print(f"#   {impl:>7} {algo:>24}: {sum(bws) / len(bws):.3f}", file=out)
     total_wrong = sum(w for r in rows for w in r.wrong.values() if w)
     print(f"# Out of bounds values : {total_wrong} {'OK' if total_wrong == 0 else 'FAILED'}", file=out)
     out.flush()
@@ -323,4 +299,5 @@ def _append_json(a: BenchArgs, row: Row, coll: Collective, dtype: DType, world: 
                 "count": row.count, "dtype": dtype.name, "op": a.op, "world": world, "inplace": inplace,
                 "time_us": row.times_us[inplace], "algbw_GBps": algbw, "busbw_GBps": busbw,
                 "wrong": row.wrong.get(inplace), "transport": a.transport if row.impl == "fmcomm" else row.impl,
+                "wire_bytes": row.wire_bytes, "inter_node_bytes": row.inter_node_bytes,
             }) + "\n")
