@@ -90,8 +90,13 @@ class Control:
 
 
 def _measure_all(ctl: Control, runs: list[Callable], a: BenchArgs, dtype: DType, pristine: torch.Tensor,
-                 out_numel: int, expected: torch.Tensor | None, inplace: bool) -> list[tuple[float, int | None]]:
-    """(median slowest-rank time in us, #wrong) of each of ``runs``, interleaved.
+                 out_numel: int, expected: torch.Tensor | None, inplace: bool,
+                 stats=None) -> list[tuple[float, int | None, tuple[int, int] | None]]:
+    """(median slowest-rank time in us, #wrong, traffic) of each of ``runs``, interleaved.
+
+    traffic: (wire bytes, inter-node bytes) per call that ``stats`` (the executor's
+    counters) saw during that run's calls; None where a run sent nothing through it
+    (a peer, or fmcomm's native algorithm).
 
     Iteration i runs every implementation once before iteration i+1 starts, so a
     machine that speeds up or slows down mid-run (these are shared and noisy) shifts
@@ -100,6 +105,7 @@ def _measure_all(ctl: Control, runs: list[Callable], a: BenchArgs, dtype: DType,
     bufs = [(pristine.clone(), pristine.clone() if inplace else torch.zeros(out_numel, dtype=pristine.dtype))
             for _ in runs]
     times: list[list[float]] = [[] for _ in runs]
+    traffic = [[0, 0, 0] for _ in runs]
     n = len(runs)
     for it in range(a.warmup + a.iters):
         # The order rotates too: whatever runs just after another engine's call pays
@@ -110,12 +116,16 @@ def _measure_all(ctl: Control, runs: list[Callable], a: BenchArgs, dtype: DType,
             inp, out = bufs[k]
             if inplace:
                 out.copy_(pristine)  # a fresh input each call; outside the timed region
+            before = (stats.wire_bytes, stats.inter_node_bytes, stats.calls) if stats else (0, 0, 0)
             ctl.barrier()
             t0 = time.perf_counter()
             run(inp, out, inplace)
             dt = time.perf_counter() - t0
             if it >= a.warmup:
                 times[k].append(dt)
+            if stats:
+                for j, (now, was) in enumerate(zip((stats.wire_bytes, stats.inter_node_bytes, stats.calls), before)):
+                    traffic[k][j] += now - was
     results = []
     for k in range(len(runs)):
         slow = ctl.slowest(times[k])
@@ -128,7 +138,8 @@ def _measure_all(ctl: Control, runs: list[Callable], a: BenchArgs, dtype: DType,
             wrong = ctl.total(int(bad.sum()))
             if not inplace:
                 wrong += ctl.total(int((inp != pristine).sum()))  # out of place must not touch the input
-        results.append((statistics.median(slow) * 1e6, wrong))
+        wire, inter, calls = traffic[k]
+        results.append((statistics.median(slow) * 1e6, wrong, (wire // calls, inter // calls) if calls else None))
     return results
 
 
@@ -187,12 +198,12 @@ def run_bench(a: BenchArgs, out=sys.stdout) -> list[Row]:
         for engine in sorted({_engine(row, a) for row, _ in live}):
             group = [(row, run) for row, run in live if _engine(row, a) == engine]
             for inplace in coll.placements:
-                before = comm.executor.stats.wire_bytes, comm.executor.stats.inter_node_bytes, comm.executor.stats.calls
                 results = _measure_all(ctl, [run for _, run in group], a, dtype, pristine, out_numel, expected,
-                                       inplace)
-                for (row, _), (t, w) in zip(group, results):
+                                       inplace, comm.executor.stats)
+                for (row, _), (t, w, traffic) in zip(group, results):
                     row.times_us[inplace], row.wrong[inplace] = t, w
-                _traffic(comm, group, before)
+                    if traffic is not None:
+                        row.wire_bytes, row.inter_node_bytes = traffic
         for row in size_rows:
             rows.append(row)
             if ctl.rank == 0:
@@ -214,20 +225,6 @@ _MPI_NAMES = {"all_reduce": "MPI_Allreduce", "reduce_scatter": "MPI_Reduce_scatt
 _TORCH_NAMES = {"all_reduce": "all_reduce", "reduce_scatter": "reduce_scatter_tensor",
                 "all_gather": "all_gather_into_tensor", "broadcast": "broadcast", "reduce": "reduce",
                 "all_to_all": "all_to_all_single"}
-
-
-def _traffic(comm, group, before) -> None:
-    """Bytes per call that fmcomm's executor sent, when one fmcomm row ran in this group.
-
-    The executor counts what its plans send; with several fmcomm rows in one group
-    the counts would mix, so they are attributed only when the group has one.
-    """
-    fm = [row for row, _ in group if row.impl == "fmcomm"]
-    stats = comm.executor.stats
-    calls = stats.calls - before[2]
-    if len(fm) == 1 and calls:
-        fm[0].wire_bytes = (stats.wire_bytes - before[0]) // calls
-        fm[0].inter_node_bytes = (stats.inter_node_bytes - before[1]) // calls
 
 
 def _engine(row: Row, a: BenchArgs) -> str:
