@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import inspect
 import logging
 import threading
 import time
@@ -117,9 +118,14 @@ class Communicator:
               params: tuple):
         """Build every rank's schedule, validate it once, and compile this rank's part."""
         fn = algorithms.REGISTRY[(collective, algo)]
-        full = schedule.build(collective, algo, fn, self.world, input_count, output_count, **dict(params))
-        # A reduce leaves its non-root outputs alone; every other collective writes all.
-        schedule.validate(full, output_written=collective != "reduce")
+        kw = dict(params)
+        if "node_of" in inspect.signature(fn).parameters:
+            kw["node_of"] = self.topology.node_of  # topology-aware schedules (hierarchical)
+        full = schedule.build(collective, algo, fn, self.world, input_count, output_count, **kw)
+        # A reduce leaves its non-root outputs alone; an all-to-all's outputs differ in
+        # size per rank, so the one output_count is the largest and the rest of it
+        # is not written. Every other collective writes all of its output.
+        schedule.validate(full, output_written=collective not in ("reduce", "all_to_all"))
         return compile_rounds(full.ranks[self.rank], itemsize, self.config.segment_bytes, self.topology.node_of)
 
     # ------------------------------------------------------------ execution
@@ -265,7 +271,10 @@ class Communicator:
                                     rank=self.rank, op="all_to_all", peer=peer)
         counts = tuple(tuple(row) for row in matrix)
         key = zlib.crc32(repr(counts).encode())
-        return self._launch("all_to_all", inp, out, idtype, "sum", algo, async_op, inp.numel(), out.numel(),
+        # One schedule describes every rank: its buffers are sized for the largest rank.
+        biggest_in = max(sum(row) for row in counts)
+        biggest_out = max(sum(col) for col in zip(*counts))
+        return self._launch("all_to_all", inp, out, idtype, "sum", algo, async_op, biggest_in, biggest_out,
                             (("counts", counts),), key)
 
     def _exchange_splits(self, send: list[int]) -> list[list[int]]:

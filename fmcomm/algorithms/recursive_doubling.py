@@ -38,6 +38,7 @@ extra partner; extra ranks n. For a power of two every rank sends exactly n·lg 
 
 Cost: lg p·α + n·lg p·β + n·lg p·γ for p a power of two; otherwise
 (lg p' + 2)·α + n(lg p' + 2)·β + n(lg p' + 1)·γ (fold and unfold add 2α + 2nβ + nγ).
+At p = 2 the copy round adds one message-free round and a local copy of n.
 Latency-optimal among algorithms that exchange whole buffers, so it suits small
 messages; its n·lg p bandwidth term makes it lose to ring and Rabenseifner for large.
 """

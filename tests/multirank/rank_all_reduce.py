@@ -22,6 +22,7 @@ from fmcomm.simulator import simulate, storage
 BIG = 1_000_003  # about a million, divisible by none of the world sizes tested
 SMALL = (0, 1, 7)
 OPS = ("sum", "avg", "min", "max", "prod")
+OTHER_SCHEDULES = ("tree", "recursive_doubling", "halving_doubling", "hierarchical")
 
 
 def make_input(rank, count, dtype, op, case):
@@ -81,8 +82,10 @@ def check(out, ref, tol, dtype):
     return bool(((out.double() - ref).abs() <= tol).all())
 
 
-def simulated(world, count, dtype, op, inputs, rank):
-    sched = schedule.build("all_reduce", "ring", REGISTRY[("all_reduce", "ring")], world, count, count, count=count)
+def simulated(world, count, dtype, op, inputs, rank, algo, node_of):
+    extra = {"node_of": node_of} if algo == "hierarchical" else {}
+    sched = schedule.build("all_reduce", algo, REGISTRY[("all_reduce", algo)], world, count, count, count=count,
+                           **extra)
     arrays = [x.view(torch.int16).numpy().view(np.uint16) if dtype.name == "bfloat16" else x.numpy() for x in inputs]
     out = simulate(sched, [a.astype(storage(dtype)) for a in arrays], dtype, op)[rank]
     return out.tobytes()
@@ -102,6 +105,12 @@ def main():
                         cases.append((dname, op, count, algo, style))
             cases += [(dname, op, BIG, "ring", "inplace"), (dname, op, BIG, "auto", "async"),
                       (dname, op, BIG, "native", "outofplace")]
+            # The other schedules: every dtype, the ops whose rounding differs (sum) or
+            # does not (max), small sizes in both placements and the big one in place.
+            if op in ("sum", "max"):
+                for algo in OTHER_SCHEDULES:
+                    cases += [(dname, op, n, algo, style) for n in SMALL for style in ("inplace", "outofplace")]
+                    cases.append((dname, op, BIG, algo, "inplace"))
     cached = (None, None, None)
     for dname, op, count, algo, style in cases:
         dtype = DTYPES[dname]
@@ -130,9 +139,9 @@ def main():
                 out = mine
             entry = {"ok": check(out, *cached[2], dtype) if rank == 0 else True,
                      "hash": hashlib.sha256(out.view(torch.uint8).numpy().tobytes()).hexdigest()}
-            if rank == 0 and algo == "ring" and style == "inplace":
+            if rank == 0 and algo in ("ring", *OTHER_SCHEDULES) and style == "inplace":
                 entry["matches_simulator"] = out.view(torch.uint8).numpy().tobytes() == simulated(
-                    world, count, dtype, op, inputs, rank)
+                    world, count, dtype, op, inputs, rank, algo, comm.topology.node_of)
             report[key] = entry
         except Exception:  # noqa: BLE001 - reported, and the test fails on it
             report[key] = {"ok": False, "error": traceback.format_exc()}

@@ -108,7 +108,7 @@ def test_unknown_op(comm, op):
         fmcomm.all_reduce(torch.ones(4), op=op)
 
 
-@pytest.mark.parametrize("algo", ["tree", "Ring2", "nccl"])
+@pytest.mark.parametrize("algo", ["butterfly", "Ring2", "nccl"])
 def test_unknown_algo(comm, algo):
     with pytest.raises(fmcomm.InvalidArgument, match="unknown algorithm"):
         fmcomm.all_reduce(torch.ones(4), algo=algo)
