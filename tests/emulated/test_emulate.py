@@ -240,3 +240,25 @@ def test_refuses_to_run_without_root(monkeypatch, capsys):
     assert emulate.main(["--nodes", "2", "--per-node", "1", "--", "true"]) != 0
     assert "root" in capsys.readouterr().err
     assert emulate.main(["--cleanup"]) != 0
+
+
+@needs_netns
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("transport", ["mpi", "torch"])
+def test_hierarchical_on_emulated_nodes_matches_formula(transport, tmp_path):
+    """2 nodes x 2 ranks found by hostname: hierarchical all-reduce is right and sends
+    S·2(N-1)/N off each node, the flat ring 1.5·S (bytes counted by the executor)."""
+    program = ROOT / "tests" / "multirank" / "rank_traffic.py"
+    count = 1 << 18
+    proc = run_emulate("--nodes", "2", "--per-node", "2", "--transport", transport, "--",
+                       sys.executable, str(program), "--out", str(tmp_path), "--transport", transport,
+                       "--count", str(count))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
+    assert reports[0]["node_of"] == [0, 0, 1, 1]  # hostnames, not FMCOMM_NODE_ID, told the nodes apart
+    size = count * 4
+    for node in (0, 1):
+        ranks = [r for r in range(4) if reports[0]["node_of"][r] == node]
+        assert all(reports[r]["hierarchical"]["ok"] and reports[r]["ring"]["ok"] for r in ranks)
+        assert sum(reports[r]["hierarchical"]["inter_node_bytes"] for r in ranks) == size
+        assert sum(reports[r]["ring"]["inter_node_bytes"] for r in ranks) == size * 3 // 2
