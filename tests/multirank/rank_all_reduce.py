@@ -110,7 +110,8 @@ def main():
             if op in ("sum", "max"):
                 for algo in OTHER_SCHEDULES:
                     cases += [(dname, op, n, algo, style) for n in SMALL for style in ("inplace", "outofplace")]
-                    cases.append((dname, op, BIG, algo, "inplace"))
+                    if dname in ("float32", "bfloat16", "int64"):  # the big size: one of each kind, for time
+                        cases.append((dname, op, BIG, algo, "inplace"))
     cached = (None, None, None)
     for dname, op, count, algo, style in cases:
         dtype = DTYPES[dname]
