@@ -176,7 +176,7 @@ class Communicator:
         else:
             plan = self._plan(collective, name, dtype.itemsize, input_count, output_count, params)
             reducer = Reducer(dtype, op, self.use_native)
-            run = functools.partial(self.executor.run_schedule, call, plan, inp, out, reducer, average)
+            run = functools.partial(self.executor.run_schedule, call, plan, inp, out, reducer, average, root >= 0)
         log.debug("rank %d seq %d %s %s %d x %s op %s", self.rank, seq, collective, name, header_count,
                   dtype.name, op)
         return self._submit(run, async_op)

@@ -288,11 +288,21 @@ class Executor:
 
     # --- the two ways to run a collective
     def run_schedule(self, call: Call, plan: CompiledSchedule, inp: torch.Tensor, out: torch.Tensor,
-                     reducer: Reducer, average: bool = True) -> None:
+                     reducer: Reducer, average: bool = True, agree_globally: bool = False) -> None:
         """Run ``plan``; for op avg, divide ``out`` at the end unless ``average`` is False
-        (a reduce's non-root ranks hold no result)."""
+        (a reduce's non-root ranks hold no result).
+
+        ``agree_globally``: check the arguments with every rank (one small all-reduce)
+        instead of with this rank's peers. Needed where the arguments decide who talks
+        to whom (a root): ranks that disagree on it may not be peers at all, and the
+        root, which waits for nobody, would otherwise return as if all were well.
+        """
         t = self.transport
-        headers = self.post_headers(call, plan.send_to, plan.recv_from, out.device)
+        if agree_globally:
+            self.check_native(call)
+            headers = None
+        else:
+            headers = self.post_headers(call, plan.send_to, plan.recv_from, out.device)
         if not t.reports_size_mismatch:
             # A message longer than its posted receive would break this engine, so
             # no data is posted before every peer's arguments are known to agree.

@@ -106,6 +106,20 @@ def main():
                 case(f"all_to_all/{algo}/{dn}/{n}", a2a)
     for algo in algos("barrier"):
         case(f"barrier/{algo}", lambda: (fmcomm.barrier() is None, None))
+
+    def sub_group():
+        members = list(range(0, world, 2))  # every other rank: a group with gaps
+        group = fmcomm.new_group(members)
+        if rank not in members:
+            return group is None, None
+        t = torch.full((5,), float(rank + 1))
+        fmcomm.all_reduce(t, algo="ring", group=group)
+        g = torch.zeros(5 * len(members))
+        fmcomm.all_gather(g, torch.full((5,), float(rank)), group=group)
+        want = torch.cat([torch.full((5,), float(m)) for m in members])
+        return (group.world == len(members) and group.rank == members.index(rank)
+                and bool((t == sum(m + 1 for m in members)).all()) and torch.equal(g, want)), None
+    case("new_group", sub_group)
     report_and_exit(args, rank, report)
 
 

@@ -4,6 +4,8 @@ Scenarios (rank 1 is the odd one out):
 - size:   rank 1 passes one element more than the others
 - dtype:  rank 1 passes float64 where the others pass float32
 - silent: rank 1 never makes the call
+- root:   rank 1 broadcasts from root 1, the others from root 0
+- splits: rank 1's all_to_all_single output splits do not match what the others send
 Each rank reports the exception type it got and its message. Then every rank makes
 one more call, which must be refused (the communicator is unusable after a failure).
 """
@@ -28,10 +30,18 @@ def main():
     try:
         if args.scenario == "silent" and rank == 1:
             time.sleep(timeout * 2 + 2)  # long enough for every peer to give up
-            report["error"] = None
+        elif args.scenario == "root":
+            fmcomm.broadcast(t, src=1 if rank == 1 else 0, algo=args.algo)
+        elif args.scenario == "splits":
+            world = comm.world
+            send = [2] * world
+            recv = [2] * world
+            if rank == 1:
+                recv = [3] + [2] * (world - 2) + [1]  # same total, wrong pairing
+            fmcomm.all_to_all_single(torch.zeros(sum(recv)), torch.ones(sum(send)), recv, send)
         else:
             fmcomm.all_reduce(t, algo=args.algo)
-            report["error"] = None
+        report["error"] = None
     except fmcomm.FmcommError as e:
         report.update(error=type(e).__name__, message=str(e), peer=getattr(e, "peer", None),
                       seq=getattr(e, "seq", None))

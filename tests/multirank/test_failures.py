@@ -38,3 +38,17 @@ def test_silent_rank_times_out_naming_where(algo, transport, tmp_path):
     if algo == "ring":
         # Rank 2 receives from rank 1 first, so its error names rank 1.
         assert reports[2]["peer"] == 1, reports[2]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("transport", ["mpi", "torch"])
+@pytest.mark.parametrize("scenario,algo", [("root", "binomial"), ("root", "chain"), ("splits", "pairwise")])
+def test_disagreeing_root_or_splits(scenario, algo, transport, tmp_path):
+    reports = run_ranks(3, "rank_failures.py", "--transport", transport, "--scenario", scenario, "--algo", algo,
+                        out_dir=tmp_path, env={"FMCOMM_TIMEOUT": TIMEOUT_S}, timeout=100)
+    # Every rank gets a typed error (the disagreement named where a peer can see it,
+    # a timeout naming the operation elsewhere); none hangs, none returns a result.
+    assert all(r["error"] in ("MismatchError", "CommTimeoutError") for r in reports), reports
+    if scenario == "splits":
+        # Rank 1 sees the pairing is wrong from the exchanged split sizes, before sending.
+        assert reports[1]["error"] == "MismatchError" and "rank" in reports[1]["message"], reports[1]
