@@ -164,7 +164,7 @@ class Communicator:
     # ----------------------------------------------------------- collectives
     def _launch(self, collective: str, inp: torch.Tensor, out: torch.Tensor, dtype: DType, op: str,
                 algo: str | None, async_op: bool, input_count: int, output_count: int, params: tuple,
-                header_count: int, root: int = -1, average: bool = True):
+                header_count: int, root: int = -1, average: bool = True, native_start=None):
         """Select, plan and run one collective (the path every public call takes)."""
         device = inp.device.type
         name = select(collective, max(inp.numel(), out.numel()) * dtype.itemsize, dtype, op, device,
@@ -172,7 +172,7 @@ class Communicator:
         seq = self._next_seq()
         call = Call(collective, name, header_count, dtype, op, seq, root)
         if name == algorithms.NATIVE:
-            run = functools.partial(self.executor.run_native, call, inp, out)
+            run = functools.partial(self.executor.run_native, call, inp, out, native_start)
         else:
             plan = self._plan(collective, name, dtype.itemsize, input_count, output_count, params)
             reducer = Reducer(dtype, op, self.use_native)
@@ -274,8 +274,10 @@ class Communicator:
         # One schedule describes every rank: its buffers are sized for the largest rank.
         biggest_in = max(sum(row) for row in counts)
         biggest_out = max(sum(col) for col in zip(*counts))
+        recv_counts = [row[self.rank] for row in counts]
         return self._launch("all_to_all", inp, out, idtype, "sum", algo, async_op, biggest_in, biggest_out,
-                            (("counts", counts),), key)
+                            (("counts", counts),), key, native_start=lambda: self.transport.native_all_to_all(
+                                inp, out, list(counts[self.rank]), recv_counts))
 
     def _exchange_splits(self, send: list[int]) -> list[list[int]]:
         """Every rank's send counts (one row each), through the engine's all-reduce."""

@@ -360,8 +360,19 @@ class Executor:
         self.stats.inter_node_bytes += plan.inter_node_bytes
         self.stats.calls += 1
 
-    def run_native(self, call: Call, inp: torch.Tensor, out: torch.Tensor) -> None:
+    def run_native(self, call: Call, inp: torch.Tensor, out: torch.Tensor, start=None) -> None:
+        """The engine's own collective: ``start()`` posts it (default: its all-reduce)."""
         self.check_native(call)
+        if start is not None:
+            try:
+                req = start()
+            except CollectiveError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                raise TransportError(f"{self.transport.name}: native {call.collective} failed: {e}",
+                                     rank=self.transport.rank, op=call.collective, seq=call.seq) from e
+            self._wait([req], call, None, f"native {call.collective}")
+            return
         if call.count:
             try:
                 req = self.transport.native_all_reduce(inp, out, call.dtype, call.op)

@@ -69,6 +69,12 @@ class Transport(abc.ABC):
         ``op`` is sum, prod, min or max: avg is sum followed by the executor's division.
         """
 
+    def native_all_to_all(self, inp: torch.Tensor, out: torch.Tensor, send_counts: Sequence[int],
+                          recv_counts: Sequence[int]) -> Any:
+        """Start the engine's all-to-all (counts in elements, blocks back to back); returns a request."""
+        from ..errors import UnsupportedError
+        raise UnsupportedError(f"the {self.name} transport has no native all-to-all")
+
     def subgroup(self, ranks: Sequence[int]) -> "Transport | None":
         """A transport over ``ranks`` of this one (None on ranks outside); every rank calls it."""
         from ..errors import UnsupportedError

@@ -115,9 +115,22 @@ class MPITransport(Transport):
         return True
 
     def supports_native(self, collective: str, dtype: DType, op: str, device: str) -> bool:
-        if collective != "all_reduce" or (device != "cpu" and not self.cuda_aware):
+        if device != "cpu" and not self.cuda_aware:
+            return False
+        if collective == "all_to_all":
+            return True  # moves bytes: every dtype
+        if collective != "all_reduce":
             return False
         return self._types[dtype.name] != MPI.DATATYPE_NULL and op in ("sum", "avg", "prod", "min", "max")
+
+    def native_all_to_all(self, inp, out, send_counts, recv_counts) -> Any:
+        isz = inp.element_size()
+
+        def layout(counts):
+            nbytes = [c * isz for c in counts]
+            return nbytes, [sum(nbytes[:j]) for j in range(len(nbytes))]
+        return self.comm.Ialltoallv([self.byte_view(inp), layout(send_counts), MPI.BYTE],
+                                    [self.byte_view(out), layout(recv_counts), MPI.BYTE])
 
     def native_all_reduce(self, inp: torch.Tensor, out: torch.Tensor, dtype: DType, op: str) -> Any:
         mpi_type = self._types[dtype.name]

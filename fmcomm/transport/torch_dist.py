@@ -61,7 +61,11 @@ class TorchTransport(Transport):
         return True
 
     def supports_native(self, collective: str, dtype: DType, op: str, device: str) -> bool:
-        return collective == "all_reduce" and op in _OPS
+        return collective == "all_to_all" or (collective == "all_reduce" and op in _OPS)
+
+    def native_all_to_all(self, inp, out, send_counts, recv_counts) -> Any:
+        return dist.all_to_all_single(out, inp, output_split_sizes=list(recv_counts),
+                                      input_split_sizes=list(send_counts), group=self.group, async_op=True)
 
     def native_all_reduce(self, inp: torch.Tensor, out: torch.Tensor, dtype: DType, op: str) -> Any:
         if inp.data_ptr() != out.data_ptr():

@@ -90,7 +90,7 @@ def main():
         # Uneven splits with zeros: rank i sends (i + 2*j + n) % 4 rows to rank j.
         for n in (0, 3):
             sizes = [[(i + 2 * j + n) % 4 for j in range(world)] for i in range(world)]
-            for algo in algos("all_to_all"):
+            for algo in algos("all_to_all") + ["native"]:
                 def a2a(algo=algo, n=n, sizes=sizes):
                     send = sizes[rank]
                     recv = [sizes[i][rank] for i in range(world)]
