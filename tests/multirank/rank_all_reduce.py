@@ -146,6 +146,15 @@ def main():
             report[key] = entry
         except Exception:  # noqa: BLE001 - reported, and the test fails on it
             report[key] = {"ok": False, "error": traceback.format_exc()}
+    # The same call twice gives the same bytes (reduction order is fixed, not timing-dependent).
+    for algo in ("ring", "tree", "recursive_doubling", "halving_doubling", "hierarchical", "native", "auto"):
+        x = make_input(rank, 100_003, DTYPES["float32"], "sum", "repeat")
+        runs = []
+        for _ in range(2):
+            t = x.clone()
+            fmcomm.all_reduce(t, algo=algo)
+            runs.append(hashlib.sha256(t.view(torch.uint8).numpy().tobytes()).hexdigest())
+        report[f"repeat/{algo}"] = {"ok": runs[0] == runs[1], "hash": runs[0]}
     report_and_exit(args, rank, report)
 
 

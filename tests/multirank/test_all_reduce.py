@@ -2,10 +2,10 @@
 
 What is checked, per case (every dtype x op x size 0/1/7/1,000,003 x ring/native/auto
 x in place / out of place / async, and tree, recursive_doubling, halving_doubling,
-hierarchical for sum and max): integers exactly equal the wrapped reference; floats
+hierarchical for sum and max; and each algorithm called twice on the same data): integers exactly equal the wrapped reference; floats
 within the rounding bound of a float64 reference (stated in
 rank_all_reduce.reference); schedule results equal the simulator's bit for bit; and
-every rank holds identical bytes (hashes compared across ranks).
+every rank holds identical bytes (hashes compared across ranks), the same bytes on both calls.
 """
 import pytest
 
