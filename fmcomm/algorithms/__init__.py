@@ -26,6 +26,7 @@ REGISTRY: dict[tuple[str, str], ScheduleFn] = {
     ("reduce_scatter", "halving"): reduce_scatter.halving,
     ("all_gather", "ring"): all_gather.ring,
     ("all_gather", "recursive_doubling"): all_gather.recursive_doubling,
+    ("all_gather", "hierarchical"): all_gather.hierarchical,
     ("broadcast", "binomial"): broadcast.binomial,
     ("broadcast", "chain"): broadcast.chain,
     ("reduce", "binomial"): reduce.binomial,
