@@ -98,6 +98,11 @@ def _splits(tensor, sizes, world: int, what: str) -> list[int]:
     return [x * row for x in sizes]
 
 
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
+
+
 class Communicator:
     def __init__(self, transport: Transport, config: Config | None = None):
         self.transport = transport
@@ -125,7 +130,10 @@ class Communicator:
         # A reduce leaves its non-root outputs alone; an all-to-all's outputs differ in
         # size per rank, so the one output_count is the largest and the rest of it
         # is not written. Every other collective writes all of its output.
-        schedule.validate(full, output_written=collective not in ("reduce", "all_to_all"))
+        # All-to-all is out of place only (all_to_all_single refuses overlapping
+        # buffers), so its schedules are validated with input and output apart.
+        schedule.validate(full, output_written=collective not in ("reduce", "all_to_all"),
+                          in_place=collective != "all_to_all")
         return compile_rounds(full.ranks[self.rank], itemsize, self.config.segment_bytes, self.topology.node_of)
 
     # ------------------------------------------------------------ execution
@@ -261,6 +269,8 @@ class Communicator:
         out, odtype = as_flat_tensor(output, "all_to_all_single output")
         inp, idtype = as_flat_tensor(input, "all_to_all_single input")
         self._same_kind(out, inp, odtype, idtype, "all_to_all_single")
+        if out.numel() and inp.numel() and _overlaps(out, inp):
+            raise InvalidArgument("all_to_all_single: output and input must not share memory")
         send = _splits(input, input_split_sizes, self.world, "input")
         recv = _splits(output, output_split_sizes, self.world, "output")
         matrix = self._exchange_splits(send)

@@ -174,13 +174,14 @@ def _check_range(r: Range, sizes: dict[str, int], where: str) -> None:
         raise ScheduleError(f"{where}: range {r.buf}[{r.offset}:{r.end}] outside its buffer of {sizes[r.buf]}")
 
 
-def validate(sched: Schedule, *, output_written: bool = True) -> None:
+def validate(sched: Schedule, *, output_written: bool = True, in_place: bool = True) -> None:
     """Raise ScheduleError unless ``sched`` is well formed for every rank.
 
     Checks: ranks numbered 0..world-1; every range in bounds; the input buffer never
     written; within a round no receive or local write overlaps a send or a receive
-    (the executor could race on it) (checked with input and
-    output as one memory, the in-place case, which is the stricter one); every send of
+    (the executor could race on it), checked with input and output as one memory
+    (the in-place case, the stricter one) unless ``in_place`` is False, for
+    collectives whose callers must pass separate buffers; every send of
     round r matched, in order and in size, by a receive of round r on its peer; and,
     if ``output_written``, every output element written on every rank of a world
     larger than one.
@@ -212,8 +213,8 @@ def validate(sched: Schedule, *, output_written: bool = True) -> None:
                         if r.count != step.dst.count:
                             raise ScheduleError(f"{where}: {type(step).__name__} operands differ in length")
                     for s in srcs:
-                        if _overlap(s, step.dst, True) and (s.offset != step.dst.offset
-                                                            or _memory(s.buf, True) != _memory(step.dst.buf, True)):
+                        if _overlap(s, step.dst, in_place) and (s.offset != step.dst.offset
+                                                            or _memory(s.buf, in_place) != _memory(step.dst.buf, in_place)):
                             raise ScheduleError(f"{where}: {type(step).__name__} source partly overlaps its destination")
                     writes.append(step.dst)
                 else:
@@ -225,17 +226,17 @@ def validate(sched: Schedule, *, output_written: bool = True) -> None:
                     written.append((w.offset, w.end))
             for i, a in enumerate(recvs):
                 for s in sends:
-                    if _overlap(a, s, True):
+                    if _overlap(a, s, in_place):
                         raise ScheduleError(f"{where}: a receive lands on a range being sent")
                 for b in recvs[i + 1:]:
-                    if _overlap(a, b, True):
+                    if _overlap(a, b, in_place):
                         raise ScheduleError(f"{where}: two receives land on one range")
             for w in writes:
                 for s in sends:
-                    if _overlap(w, s, True):
+                    if _overlap(w, s, in_place):
                         raise ScheduleError(f"{where}: a local step writes a range being sent")
                 for a in recvs:
-                    if _overlap(w, a, True):
+                    if _overlap(w, a, in_place):
                         raise ScheduleError(f"{where}: a local step writes a range being received")
         if written is not None and world > 1:
             first = _first_uncovered(written, sched.output_count)

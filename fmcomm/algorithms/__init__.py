@@ -31,6 +31,7 @@ REGISTRY: dict[tuple[str, str], ScheduleFn] = {
     ("broadcast", "chain"): broadcast.chain,
     ("reduce", "binomial"): reduce.binomial,
     ("all_to_all", "pairwise"): all_to_all.pairwise,
+    ("all_to_all", "scattered"): all_to_all.scattered,
     ("barrier", "dissemination"): barrier.dissemination,
 }
 

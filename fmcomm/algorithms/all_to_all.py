@@ -98,3 +98,27 @@ def pairwise(rank: int, world: int, counts) -> RankSchedule:
             b.copy(dst, s)
     b.need_scratch(used)
     return b.build()
+
+
+def scattered(rank: int, world: int, counts) -> RankSchedule:
+    """Every block in one round, as MPI's "scattered" all-to-all posts them.
+
+    One round: rank r copies its own block into place and posts all p−1 sends and
+    p−1 receives at once, so no round boundary idles a link while another is busy
+    (pairwise's rounds pair ranks on one node in some rounds, leaving the network
+    idle). Bytes sent per rank: Σ_{j≠r} counts[r][j]·itemsize, as pairwise.
+    Cost: (p−1)α overlapped into about α + max over links of the bytes on it ·β.
+    Needs separate input and output buffers (validated with ``in_place=False``;
+    ``all_to_all_single`` refuses overlapping ones).
+    """
+    counts = check_counts(world, counts)
+    b = RoundBuilder(rank)
+    b.new_round()
+    send_off = [sum(counts[rank][:j]) for j in range(world)]
+    recv_off = [sum(counts[i][rank] for i in range(src)) for src in range(world)]
+    b.copy(Range("output", recv_off[rank], counts[rank][rank]), Range("input", send_off[rank], counts[rank][rank]))
+    for k in range(1, world):
+        to, frm = (rank + k) % world, (rank - k) % world
+        b.recv(frm, Range("output", recv_off[frm], counts[frm][rank]))
+        b.send(to, Range("input", send_off[to], counts[rank][to]))
+    return b.build()

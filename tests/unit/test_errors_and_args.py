@@ -223,3 +223,9 @@ def test_an_argument_error_leaves_the_communicator_usable(comm):
     t = torch.ones(4)
     fmcomm.all_reduce(t)
     assert t.tolist() == [1, 1, 1, 1]
+
+
+def test_all_to_all_refuses_overlapping_buffers(comm):
+    x = torch.zeros(4)
+    with pytest.raises(fmcomm.InvalidArgument, match="share memory"):
+        fmcomm.all_to_all_single(x, x)
