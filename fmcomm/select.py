@@ -24,7 +24,7 @@ DEFAULT_SCHEDULE = {
     "all_gather": "ring",
     "broadcast": "binomial",
     "reduce": "binomial",
-    "all_to_all": "pairwise",
+    "all_to_all": "scattered",  # beat pairwise 1.2x on the emulated 2x2 1gbit link (16 MiB)
     "barrier": "dissemination",
 }
 
