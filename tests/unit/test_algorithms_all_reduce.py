@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from numerics import gamma, to_float64, to_storage, wrap
 from fmcomm import schedule, simulator
 from fmcomm.algorithms import halving_doubling, recursive_doubling, ring, tree
 from fmcomm.dtypes import DTYPES
@@ -47,17 +48,8 @@ def build(algo: str, world: int, count: int) -> schedule.Schedule:
 
 # ------------------------------------------------------------------ helpers
 
-def to_storage(values: np.ndarray, dtype) -> np.ndarray:
-    """float64/int values -> the simulator's storage (bfloat16 as uint16 bits), rounding to nearest."""
-    if dtype.name == "bfloat16":
-        return torch.from_numpy(values).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-    return values.astype(dtype.numpy)
 
 
-def to_float64(stored: np.ndarray, dtype) -> np.ndarray:
-    if dtype.name == "bfloat16":
-        return torch.from_numpy(stored.view(np.int16)).view(torch.bfloat16).double().numpy()
-    return stored.astype(np.float64)
 
 
 def make_inputs(rng, dtype, op, world, count):
@@ -75,9 +67,6 @@ def make_inputs(rng, dtype, op, world, count):
     return [to_storage(v, dtype) for v in vals]
 
 
-def wrap(v: int, bits: int) -> int:
-    half = 1 << (bits - 1)
-    return (v + half) % (1 << bits) - half
 
 
 def int_reference(inputs, dtype, op, world):
@@ -96,8 +85,6 @@ def int_reference(inputs, dtype, op, world):
     return np.array(out, dtype=dtype.numpy)
 
 
-def gamma(n, u):
-    return n * u / (1 - n * u)
 
 
 def float_reference_and_tolerance(inputs, dtype, op, world):
