@@ -8,6 +8,7 @@ and never does I/O.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 from ..schedule import RankSchedule
@@ -39,6 +40,8 @@ NATIVE = "native"
 AUTO = "auto"
 
 
-def names(collective: str) -> list[str]:
-    """Every algorithm name ``collective`` accepts, ``auto`` and ``native`` included."""
-    return [AUTO, NATIVE] + sorted(a for (c, a) in REGISTRY if c == collective)
+@functools.lru_cache(maxsize=None)
+def names(collective: str) -> tuple[str, ...]:
+    """Every algorithm name ``collective`` accepts, ``auto`` and ``native`` included (the
+    registry is fixed at import, so this is computed once per collective)."""
+    return (AUTO, NATIVE, *sorted(a for (c, a) in REGISTRY if c == collective))

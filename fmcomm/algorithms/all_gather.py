@@ -37,6 +37,7 @@ recursive_doubling(rank, world, count)
 from __future__ import annotations
 
 from ..schedule import Range, RankSchedule, RoundBuilder
+from .hierarchical import group_by_node
 
 
 def _own_block(b: RoundBuilder, count: int) -> None:
@@ -116,17 +117,15 @@ def hierarchical(rank: int, world: int, count: int, node_of: tuple[int, ...] | N
     node_of = tuple(node_of) if node_of is not None else (0,) * world
     b = RoundBuilder(rank)
     _own_block(b, count)
-    nodes: dict[int, list[int]] = {}
-    for r, n in enumerate(node_of):
-        nodes.setdefault(n, []).append(r)
-    node_list = [nodes[k] for k in sorted(nodes)]
+    node_list = group_by_node(node_of)
     mine = next(n for n in node_list if rank in n)
     k, i, width = node_list.index(mine), mine.index(rank), len(mine)
     most = max(len(n) for n in node_list)
     n_nodes = len(node_list)
+    local_index = {q: j for node in node_list for j, q in enumerate(node)}
 
     def local(q: int) -> int:
-        return next(n for n in node_list if q in n).index(q)
+        return local_index[q]
 
     # 1. own blocks around the node
     for s in range(1, most):

@@ -46,7 +46,7 @@ with lg p instead of p - 1 latency terms. Otherwise fold and unfold add 2α + 2n
 from __future__ import annotations
 
 from ..schedule import Range, RankSchedule, RoundBuilder, chunk_bounds
-from .recursive_doubling import fold_layout
+from .recursive_doubling import extra_rank, fold_layout
 
 
 def all_reduce(rank: int, world: int, count: int) -> RankSchedule:
@@ -59,14 +59,8 @@ def all_reduce(rank: int, world: int, count: int) -> RankSchedule:
     steps = core.bit_length() - 1  # lg p'
     folded = extras > 0
 
-    if rank >= core:  # an extra rank: fold, idle while the core works, unfold
-        b.new_round()
-        b.send(rank - core, Range("input", 0, n))
-        for _ in range(2 * steps):
-            b.new_round()
-        b.new_round()
-        b.recv(rank - core, Range("output", 0, n))
-        return b.build()
+    if rank >= core:  # reduce-scatter and all-gather: twice recursive doubling's rounds
+        return extra_rank(b, rank - core, n, idle_rounds=2 * steps)
 
     offs = [o for o, _ in chunk_bounds(n, core)] + [n]
 

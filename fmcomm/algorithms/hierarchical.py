@@ -26,7 +26,8 @@ from __future__ import annotations
 from ..schedule import Range, RankSchedule, RoundBuilder, chunk_bounds
 
 
-def _nodes(node_of: tuple[int, ...]) -> list[list[int]]:
+def group_by_node(node_of: tuple[int, ...]) -> list[list[int]]:
+    """The ranks of each node, nodes in order of their index, ranks in rank order."""
     nodes: dict[int, list[int]] = {}
     for r, n in enumerate(node_of):
         nodes.setdefault(n, []).append(r)
@@ -41,7 +42,7 @@ def all_reduce(rank: int, world: int, count: int, node_of: tuple[int, ...] | Non
     if world == 1:
         b.copy(Range("output", 0, count), Range("input", 0, count))
         return b.build()
-    nodes = _nodes(node_of)
+    nodes = group_by_node(node_of)
     mine = next(n for n in nodes if rank in n)
     node_index = nodes.index(mine)
     local, width = mine.index(rank), len(mine)

@@ -53,6 +53,18 @@ def fold_layout(world: int) -> tuple[int, int]:
     return core, world - core
 
 
+def extra_rank(b: RoundBuilder, partner: int, n: int, idle_rounds: int) -> RankSchedule:
+    """An extra rank's whole part in a fold: send its data to its core partner, idle
+    while the core ranks work, receive the result back."""
+    b.new_round()
+    b.send(partner, Range("input", 0, n))
+    for _ in range(idle_rounds):
+        b.new_round()
+    b.new_round()
+    b.recv(partner, Range("output", 0, n))
+    return b.build()
+
+
 def all_reduce(rank: int, world: int, count: int) -> RankSchedule:
     b = RoundBuilder(rank)
     n = count
@@ -64,14 +76,8 @@ def all_reduce(rank: int, world: int, count: int) -> RankSchedule:
     steps = core.bit_length() - 1  # lg p'
     folded = extras > 0
 
-    if rank >= core:  # an extra rank: fold, idle while the core works, unfold
-        b.new_round()
-        b.send(rank - core, Range("input", 0, n))
-        for _ in range(steps):
-            b.new_round()
-        b.new_round()
-        b.recv(rank - core, out)
-        return b.build()
+    if rank >= core:
+        return extra_rank(b, rank - core, n, idle_rounds=steps)
 
     places = {"X": Range("scratch", 0, n), "Y": Range("scratch", n, n), "O": out}
     b.need_scratch(2 * n)
