@@ -14,12 +14,12 @@ from .api import (all_gather, all_reduce, all_to_all_single, barrier, broadcast,
 from .communicator import Communicator, Work
 from .config import Config
 from .errors import (CollectiveError, CommTimeoutError, ConfigError, FmcommError, InitError, InvalidArgument,
-                     MismatchError, ScheduleError, TransportError, UnsupportedError)
+                     MismatchError, NonFiniteError, ScheduleError, TransportError, UnsupportedError)
 
 __all__ = [
     "init", "finalize", "all_reduce", "reduce_scatter", "all_gather", "broadcast", "reduce", "all_to_all_single",
     "barrier", "new_group", "info", "get_rank", "get_world_size", "default_communicator",
     "Communicator", "Work", "Config",
     "FmcommError", "ConfigError", "InitError", "InvalidArgument", "UnsupportedError", "ScheduleError",
-    "CollectiveError", "CommTimeoutError", "MismatchError", "TransportError",
+    "CollectiveError", "CommTimeoutError", "MismatchError", "TransportError", "NonFiniteError",
 ]

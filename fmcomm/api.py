@@ -93,16 +93,22 @@ def finalize() -> None:
 
 
 def all_reduce(tensor, op: str = "sum", algo: str | None = None, group: Communicator | None = None,
-               async_op: bool = False, output=None):
+               async_op: bool = False, output=None, compress=None, state=None, key=None):
     """All-reduce ``tensor`` in place over ``group`` (default: the communicator from init).
 
-    ``op``: sum, avg, min, max or prod. ``algo``: auto, ring or native (default from
-    FMCOMM_ALGO). Torch tensors (CPU; CUDA over NCCL or CUDA-aware MPI) and NumPy arrays
-    of float32, float64, float16, bfloat16, int32 and int64, any size. Returns a work
-    handle with ``wait()`` if ``async_op``.
+    ``op``: sum, avg, min, max or prod. ``algo``: auto, native or a schedule's name
+    (default from FMCOMM_ALGO). Torch tensors (CPU; CUDA over NCCL or CUDA-aware MPI)
+    and NumPy arrays of float32, float64, float16, bfloat16, int32 and int64, any size.
+    Returns a work handle with ``wait()`` if ``async_op``.
+
+    ``compress``: ``fp16``, ``bf16``, ``fp8``, ``onebit`` or ``topk:RATIO``, each
+    optionally ``@inter`` (compress between nodes only), for float sum/avg;
+    ``state``/``key``: where error feedback keeps its residuals (see
+    :meth:`Communicator.all_reduce`).
     """
     comm = group if group is not None else default_communicator()
-    return comm.all_reduce(tensor, op=op, algo=algo, async_op=async_op, output=output)
+    return comm.all_reduce(tensor, op=op, algo=algo, async_op=async_op, output=output, compress=compress,
+                           state=state, key=key)
 
 
 def reduce_scatter(output, input, op: str = "sum", algo: str | None = None, group: Communicator | None = None,

@@ -95,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--iters", type=int, default=20)
     b.add_argument("--warmup", type=int, default=5)
     b.add_argument("--json", default=None, help="append one JSON object per row to this file")
+    b.add_argument("--compress", type=_list, default=("none",),
+                   help="all_reduce only: comma list of none, fp16, bf16, fp8, onebit, topk:R (each also NAME@inter), "
+                        "each measured in the same run; rows report the relative error instead of #wrong")
 
     sub.add_parser("info", help="what this installation has: native kernels, MPI, gloo/NCCL, launcher")
 
@@ -119,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                 collective=args.collective, min_bytes=args.minbytes, max_bytes=args.maxbytes,
                 factor=args.stepfactor, dtype=args.dtype, op=args.op, algos=args.algo, peers=args.peer,
                 transport=args.transport, check=args.check, iters=args.iters, warmup=args.warmup,
-                json_path=args.json))
+                json_path=args.json, compress=args.compress))
             return 0
     except FmcommError as e:
         print(f"fmcomm: {type(e).__name__}: {e}", file=sys.stderr)

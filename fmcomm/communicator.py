@@ -21,9 +21,13 @@ import numpy as np
 import torch
 
 from . import algorithms, schedule, topology
+from . import compressed, compression
+from .algorithms.hierarchical import group_by_node
+from .compression import ErrorFeedback
 from .config import Config
 from .dtypes import DType, dtype_of, redop_code
-from .errors import CollectiveError, CommTimeoutError, FmcommError, InvalidArgument, MismatchError
+from .errors import (CollectiveError, CommTimeoutError, FmcommError, InvalidArgument, MismatchError,
+                     NonFiniteError)
 from .executor import Call, Executor, compile_rounds
 from .kernels import Reducer, resolve_native
 from .select import select
@@ -116,6 +120,9 @@ class Communicator:
         self._worker: concurrent.futures.ThreadPoolExecutor | None = None
         self._pending: list[concurrent.futures.Future] = []
         self._failed: BaseException | None = None
+        self._inside = threading.local()  # .active while a call of this communicator runs on this thread
+        self.error_feedback = ErrorFeedback()  # default state of compressed all-reduces (see all_reduce)
+        self._levels_cache: tuple | None = None
 
     # ---------------------------------------------------------------- plans
     @functools.lru_cache(maxsize=256)
@@ -145,6 +152,11 @@ class Communicator:
     def _submit(self, fn, async_op: bool):
         if self._failed is not None:
             raise FmcommError(f"rank {self.rank}: communicator is unusable after an earlier failure: {self._failed}")
+        if getattr(self._inside, "active", False):
+            # A call made by a composite (a compressed all-reduce) that is itself
+            # running as this communicator's current call: it runs inline, in order.
+            self._guarded(fn)
+            return None
         if not async_op:
             self._drain()
             self._guarded(fn)
@@ -156,13 +168,19 @@ class Communicator:
         return Work(fut)
 
     def _guarded(self, fn) -> None:
+        outer = getattr(self._inside, "active", False)
+        self._inside.active = True
         try:
             fn()
         except CollectiveError as e:
             # Messages of the failed call may still be in flight; later calls could
-            # match them, so this communicator refuses further work.
-            self._failed = e
+            # match them, so this communicator refuses further work. A NonFiniteError
+            # is raised by every rank at one agreed point, with nothing in flight.
+            if not isinstance(e, NonFiniteError):
+                self._failed = e
             raise
+        finally:
+            self._inside.active = outer
 
     def _drain(self) -> None:
         pending, self._pending = self._pending, []
@@ -177,16 +195,24 @@ class Communicator:
         device = inp.device.type
         name = select(collective, max(inp.numel(), out.numel()) * dtype.itemsize, dtype, op, device,
                       self.transport, self.config, algo)
-        seq = self._next_seq()
-        call = Call(collective, name, header_count, dtype, op, seq, root)
         if name == algorithms.NATIVE:
-            run = functools.partial(self.executor.run_native, call, inp, out, native_start)
+            plan = reducer = None
         else:
             plan = self._plan(collective, name, dtype.itemsize, input_count, output_count, params)
             reducer = Reducer(dtype, op, self.use_native)
-            run = functools.partial(self.executor.run_schedule, call, plan, inp, out, reducer, average, root >= 0)
-        log.debug("rank %d seq %d %s %s %d x %s op %s", self.rank, seq, collective, name, header_count,
-                  dtype.name, op)
+
+        def run() -> None:
+            # The sequence number is taken when the call runs, not when it is made:
+            # calls run one at a time in program order (async ones on the worker, a
+            # compressed all-reduce's inner calls inside it), so every rank numbers
+            # them alike.
+            call = Call(collective, name, header_count, dtype, op, self._next_seq(), root)
+            log.debug("rank %d seq %d %s %s %d x %s op %s", self.rank, call.seq, collective, name, header_count,
+                      dtype.name, op)
+            if plan is None:
+                self.executor.run_native(call, inp, out, native_start)
+            else:
+                self.executor.run_schedule(call, plan, inp, out, reducer, average, root >= 0)
         return self._submit(run, async_op)
 
     def _root(self, root: int, what: str) -> int:
@@ -201,11 +227,18 @@ class Communicator:
                                   f"({adtype.name} on {a.device} vs {bdtype.name} on {b.device})")
 
     def all_reduce(self, tensor, op: str = "sum", algo: str | None = None, async_op: bool = False,
-                   output=None):
+                   output=None, compress=None, state: ErrorFeedback | None = None, key=None):
         """Reduce ``tensor`` over all ranks; every rank gets the result in place.
 
         ``output``, if given, receives the result instead and ``tensor`` is left as it
         was (MPI's out-of-place form). Returns a :class:`Work` if ``async_op``.
+
+        ``compress`` (``"fp8"``, ``"onebit@inter"``, ``"topk:0.01"``, ...; see
+        :mod:`fmcomm.compression`) sends coded values instead of full precision, for
+        float sum/avg; every rank still ends with identical bytes. Families with
+        error feedback keep residuals in ``state`` (default: this communicator's
+        ``error_feedback``) under ``key`` (default: the element count): give each
+        tensor that is reduced repeatedly (each gradient bucket) its own key.
         """
         inp, dtype = as_flat_tensor(tensor, "all_reduce tensor")
         op = _redop(op)
@@ -216,7 +249,54 @@ class Communicator:
                 raise InvalidArgument(f"all_reduce output must match the input: {inp.numel()} {dtype.name} "
                                       f"on {inp.device}, got {out.numel()} {odtype.name} on {out.device}")
         n = inp.numel()
+        spec = compression.parse(compress)
+        if spec.enabled:
+            return self._compressed_all_reduce(inp, out, dtype, op, spec, state, key, algo, async_op)
         return self._launch("all_reduce", inp, out, dtype, op, algo, async_op, n, n, (("count", n),), n)
+
+    def _compressed_all_reduce(self, inp, out, dtype: DType, op: str, spec, state, key, algo, async_op):
+        if op not in ("sum", "avg"):
+            raise InvalidArgument(f"compressed all_reduce reduces with sum or avg, not {op!r}")
+        if dtype.name not in ("float32", "float16", "bfloat16"):
+            raise InvalidArgument(f"compressed all_reduce needs float32, float16 or bfloat16, not {dtype.name}")
+        if algo is not None:
+            raise InvalidArgument("compressed all_reduce chooses its own exchange; pass algo= or compress=, "
+                                  "not both")
+        if state is not None and not isinstance(state, ErrorFeedback):
+            raise InvalidArgument(f"state must be an fmcomm.compression.ErrorFeedback, got {type(state).__name__}")
+        state = self.error_feedback if state is None else state
+        key = f"n{inp.numel()}" if key is None else key
+        levels = self.levels() if spec.level == "inter" else None  # a collective: made here, in order
+
+        def run() -> None:
+            compressed.all_reduce(self, inp, out, spec, state, key, op, levels)
+        return self._submit(run, async_op)
+
+    def levels(self) -> "tuple[Communicator, Communicator] | None":
+        """(this rank's node group, its lane group) for two-level collectives, made once.
+
+        The lane group joins the ranks with this rank's local index on every node.
+        None where that split does not exist: one node, or nodes with unequal numbers
+        of ranks. Every rank must call this at the same point (it makes groups).
+        """
+        if self._levels_cache is None:
+            nodes = group_by_node(self.topology.node_of)
+            if len(nodes) < 2 or len({len(n) for n in nodes}) != 1:
+                self._levels_cache = (None,)
+            else:
+                mine = node = lane = None
+                for members in nodes:
+                    g = self.new_group(members)
+                    if g is not None:
+                        node, mine = g, members
+                for i in range(len(nodes[0])):
+                    g = self.new_group([members[i] for members in nodes])
+                    if g is not None:
+                        lane = g
+                # Bytes the groups send count as this communicator's traffic.
+                node.executor.stats = lane.executor.stats = self.executor.stats
+                self._levels_cache = (node, lane)
+        return None if self._levels_cache == (None,) else self._levels_cache
 
     def reduce_scatter(self, output, input, op: str = "sum", algo: str | None = None, async_op: bool = False):
         """Reduce ``input`` (world blocks of ``output``'s size) over all ranks; rank r gets block r."""
@@ -279,13 +359,18 @@ class Communicator:
                 raise MismatchError(f"all_to_all_single: rank {peer} sends {matrix[peer][self.rank]} elements "
                                     f"here, but output_split_sizes expects {recv[peer]}",
                                     rank=self.rank, op="all_to_all", peer=peer)
-        counts = tuple(tuple(row) for row in matrix)
+        return self._all_to_all_counts(out, inp, idtype, matrix, algo, async_op)
+
+    def _all_to_all_counts(self, out: torch.Tensor, inp: torch.Tensor, dtype: DType, matrix, algo: str | None,
+                           async_op: bool):
+        """All-to-all with every rank's send counts known (``matrix[i][j]``: rank i to rank j)."""
+        counts = tuple(tuple(int(x) for x in row) for row in matrix)
         key = zlib.crc32(repr(counts).encode())
         # One schedule describes every rank: its buffers are sized for the largest rank.
         biggest_in = max(sum(row) for row in counts)
         biggest_out = max(sum(col) for col in zip(*counts))
         recv_counts = [row[self.rank] for row in counts]
-        return self._launch("all_to_all", inp, out, idtype, "sum", algo, async_op, biggest_in, biggest_out,
+        return self._launch("all_to_all", inp, out, dtype, "sum", algo, async_op, biggest_in, biggest_out,
                             (("counts", counts),), key, native_start=lambda: self.transport.native_all_to_all(
                                 inp, out, list(counts[self.rank]), recv_counts))
 

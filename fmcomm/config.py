@@ -125,6 +125,10 @@ OPTIONS: tuple[Option, ...] = (
            "`auto` all-reduce rule until the tuner exists: the engine's native all-reduce below this "
            "many bytes (where it supports the dtype and op), `ring` from here up (0: never prefer ring). "
            "1M is where fmcomm's ring overtook its native (MPICH) all-reduce in `fmcomm bench -n 2` on the development box."),
+    Option("nan", "propagate", _choice("propagate", "raise"),
+           "A NaN or infinity in any rank's input to a compressed all-reduce. `propagate`: that call "
+           "runs uncompressed, so the value reaches every rank's output identically (error-feedback "
+           "state untouched); `raise`: every rank raises `NonFiniteError` instead."),
 )
 
 _BY_NAME = {o.name: o for o in OPTIONS}
@@ -141,6 +145,7 @@ class Config:
     check: bool = True
     node_id: str = ""
     auto_ring_min_bytes: int = 1 << 20
+    nan: str = "propagate"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Config":

@@ -60,3 +60,7 @@ class MismatchError(CollectiveError):
 
 class TransportError(CollectiveError):
     """The engine underneath (MPI, torch.distributed) reported an error."""
+
+
+class NonFiniteError(CollectiveError, FloatingPointError):
+    """A compressed all-reduce met NaN or infinity in some rank's input and FMCOMM_NAN=raise."""

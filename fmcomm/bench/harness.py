@@ -11,17 +11,18 @@ those on one engine are interleaved iteration by iteration (see _measure_all).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import socket
 import statistics
 import sys
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from .. import api
+from .. import api, compression
 from ..dtypes import DType, dtype_of
 from ..errors import FmcommError, UnsupportedError
 from .collectives import COLLECTIVES, Collective
@@ -42,6 +43,8 @@ class BenchArgs:
     iters: int = 20
     warmup: int = 5
     json_path: str | None = None
+    # Compression specs (all_reduce only); "none" keeps the uncompressed rows of ``algos``.
+    compress: tuple[str, ...] = ("none",)
 
 
 @dataclasses.dataclass
@@ -55,6 +58,7 @@ class Row:
     note: str = ""
     wire_bytes: int | None = None  # per call, this rank (fmcomm schedules only)
     inter_node_bytes: int | None = None
+    rel_err: dict[bool, float] = dataclasses.field(default_factory=dict)  # compressed runs: ||out-sum||/||sum||
 
 
 def sizes(a: BenchArgs) -> list[int]:
@@ -88,10 +92,13 @@ class Control:
     def total(self, n: int) -> int:
         return self.comm.allreduce(n, op=self.MPI.SUM)
 
+    def maximum(self, x: float) -> float:
+        return self.comm.allreduce(x, op=self.MPI.MAX)
+
 
 def _measure_all(ctl: Control, runs: list[Callable], a: BenchArgs, dtype: DType, pristine: torch.Tensor,
                  out_numel: int, expected: torch.Tensor | None, inplace: bool,
-                 stats=None) -> list[tuple[float, int | None, tuple[int, int] | None]]:
+                 stats=None, judge: Callable | None = None) -> list[tuple[float, Any, tuple[int, int] | None]]:
     """(median slowest-rank time in us, #wrong, traffic) of each of ``runs``, interleaved.
 
     traffic: (wire bytes, inter-node bytes) per call that ``stats`` (the executor's
@@ -130,7 +137,9 @@ def _measure_all(ctl: Control, runs: list[Callable], a: BenchArgs, dtype: DType,
     for k in range(len(runs)):
         slow = ctl.slowest(times[k])
         wrong = None
-        if expected is not None:
+        if judge is not None:
+            wrong = ctl.maximum(judge(bufs[k][1]))
+        elif expected is not None:
             inp, out = bufs[k]
             bad = out != expected
             if dtype.is_float:
@@ -153,9 +162,17 @@ def run_bench(a: BenchArgs, out=sys.stdout) -> list[Row]:
     world = comm.world
 
     created_pg = False
+    specs = [compression.parse(c) for c in a.compress]
+    compressing = any(sp.enabled for sp in specs)
+    if compressing and (coll.name != "all_reduce" or not dtype.is_float or a.op not in ("sum", "avg")):
+        raise FmcommError("--compress applies to all_reduce of a float dtype with op sum or avg")
     impls: list[tuple[str, str, Callable | None, str]] = []
-    for algo in a.algos:
-        impls.append(("fmcomm", algo, coll.fmcomm(comm, algo, a.op), ""))
+    if not compressing or any(not sp.enabled for sp in specs):
+        for algo in a.algos:
+            impls.append(("fmcomm", algo, coll.fmcomm(comm, algo, a.op), ""))
+    for sp in specs:
+        if sp.enabled:
+            impls.append(("fmcomm", sp.text, _compressed_run(comm, sp, a.op), ""))
     for peer in a.peers:
         try:
             if peer == "mpi":
@@ -177,8 +194,17 @@ def run_bench(a: BenchArgs, out=sys.stdout) -> list[Row]:
         _print_header(a, world, dtype, out)
     for nbytes in sizes(a):
         count, in_numel, out_numel, shown = coll.shape(nbytes, dtype.itemsize, world)
-        pristine = coll.make_input(ctl.rank, world, count, dtype, a.op)
-        expected = coll.expected(ctl.rank, world, count, dtype, a.op) if a.check else None
+        judge = None
+        if compressing:
+            # Compressors see gradient-like data (Gaussian), not the small integers
+            # that make the other results exact; every row's error is measured
+            # against the float64 sum instead.
+            pristine, exact = _gaussian_inputs(ctl.rank, world, count, dtype, a.op)
+            expected = None
+            judge = functools.partial(_relative_error, exact)
+        else:
+            pristine = coll.make_input(ctl.rank, world, count, dtype, a.op)
+            expected = coll.expected(ctl.rank, world, count, dtype, a.op) if a.check else None
         size_rows = [Row(impl, algo, shown, count, {}, {}, note) for impl, algo, _, note in impls]
         live = []
         for row, (_, _, run, _) in zip(size_rows, impls):
@@ -199,7 +225,7 @@ def run_bench(a: BenchArgs, out=sys.stdout) -> list[Row]:
             group = [(row, run) for row, run in live if _engine(row, a) == engine]
             for inplace in coll.placements:
                 results = _measure_all(ctl, [run for _, run in group], a, dtype, pristine, out_numel, expected,
-                                       inplace, comm.executor.stats)
+                                       inplace, comm.executor.stats, judge)
                 for (row, _), (t, w, traffic) in zip(group, results):
                     row.times_us[inplace], row.wrong[inplace] = t, w
                     if traffic is not None:
@@ -211,7 +237,7 @@ def run_bench(a: BenchArgs, out=sys.stdout) -> list[Row]:
                 if a.json_path:
                     _append_json(a, row, coll, dtype, world)
     if ctl.rank == 0:
-        _print_summary(rows, coll, world, out)
+        _print_summary(rows, coll, world, out, compressing)
     api.finalize()
     import torch.distributed as dist
     if dist.is_initialized() and (created_pg or a.transport == "torch"):
@@ -225,6 +251,35 @@ _MPI_NAMES = {"all_reduce": "MPI_Allreduce", "reduce_scatter": "MPI_Reduce_scatt
 _TORCH_NAMES = {"all_reduce": "all_reduce", "reduce_scatter": "reduce_scatter_tensor",
                 "all_gather": "all_gather_into_tensor", "broadcast": "broadcast", "reduce": "reduce",
                 "all_to_all": "all_to_all_single"}
+
+
+def _compressed_run(comm, spec, op: str):
+    state = compression.ErrorFeedback()  # one per row: residuals carry over calls, as in training
+
+    def run(inp, out, inplace):
+        if inplace:
+            comm.all_reduce(out, op=op, compress=spec, state=state, key="bench")
+        else:
+            comm.all_reduce(inp, op=op, compress=spec, state=state, key="bench", output=out)
+    return run
+
+
+def _gaussian_inputs(rank: int, world: int, count: int, dtype: DType, op: str):
+    """This rank's N(0, 1) input and the float64 result of every rank's, regenerated here."""
+    def one(r):
+        g = torch.Generator().manual_seed(1000003 * r + count)
+        return torch.randn(count, generator=g, dtype=torch.float32)
+    total = torch.zeros(count, dtype=torch.float64)
+    for r in range(world):
+        total += one(r).double()
+    if op == "avg":
+        total /= world
+    return one(rank).to(dtype.torch), total
+
+
+def _relative_error(exact: torch.Tensor, out: torch.Tensor) -> float:
+    norm = float(exact.norm())
+    return float((out.double() - exact).norm()) / norm if norm else float((out.double() - exact).norm())
 
 
 def _engine(row: Row, a: BenchArgs) -> str:
@@ -245,12 +300,12 @@ def _print_header(a: BenchArgs, world: int, dtype: DType, out) -> None:
     print(f"# time: median over iterations of the slowest rank; busbw = algbw x {COLLECTIVES[a.collective].busbw_factor(world):.3f}"
           f" ({a.collective}, nccl-tests' factor)", file=out)
     print(f"#{'impl':>7} {'algo':>24} {'size':>12} {'count':>11} {'type':>8} {'redop':>6}"
-          f" {'time':>10} {'algbw':>7} {'busbw':>7} {'#wrong':>6}"
-          f" {'time':>10} {'algbw':>7} {'busbw':>7} {'#wrong':>6}", file=out)
+          f" {'time':>10} {'algbw':>7} {'busbw':>7} {'#wrong':>7}"
+          f" {'time':>10} {'algbw':>7} {'busbw':>7} {'#wrong':>7}", file=out)
     print(f"#{'':>7} {'':>24} {'(B)':>12} {'(elements)':>11} {'':>8} {'':>6}"
-          f" {'(us)':>10} {'(GB/s)':>7} {'(GB/s)':>7} {'':>6}"
-          f" {'(us)':>10} {'(GB/s)':>7} {'(GB/s)':>7} {'':>6}", file=out)
-    print(f"#{'':>7} {'':>24} {'':>12} {'':>11} {'':>8} {'':>6} {'out-of-place':>33} {'in-place':>33}", file=out)
+          f" {'(us)':>10} {'(GB/s)':>7} {'(GB/s)':>7} {'':>7}"
+          f" {'(us)':>10} {'(GB/s)':>7} {'(GB/s)':>7} {'':>7}", file=out)
+    print(f"#{'':>7} {'':>24} {'':>12} {'':>11} {'':>8} {'':>6} {'out-of-place':>34} {'in-place':>34}", file=out)
     out.flush()
 
 
@@ -261,16 +316,17 @@ def _print_row(row: Row, coll: Collective, dtype: DType, op: str, world: int, ou
         return
     for inplace in (False, True):
         if inplace not in row.times_us:  # a placement this collective does not have
-            line += f" {'-':>10} {'-':>7} {'-':>7} {'-':>6}"
+            line += f" {'-':>10} {'-':>7} {'-':>7} {'-':>7}"
             continue
         algbw, busbw = _bw(row, inplace, coll, world)
         w = row.wrong.get(inplace)
-        line += f" {row.times_us[inplace]:>10.1f} {algbw:>7.3f} {busbw:>7.3f} {('N/A' if w is None else w):>6}"
+        shown = "N/A" if w is None else (f"{w:.1e}" if isinstance(w, float) else w)
+        line += f" {row.times_us[inplace]:>10.1f} {algbw:>7.3f} {busbw:>7.3f} {shown:>7}"
     print(line, file=out)
     out.flush()
 
 
-def _print_summary(rows: list[Row], coll: Collective, world: int, out) -> None:
+def _print_summary(rows: list[Row], coll: Collective, world: int, out, compressing: bool = False) -> None:
     by_impl: dict[tuple[str, str], list[float]] = {}
     for r in rows:
         if r.times_us:
@@ -280,6 +336,11 @@ def _print_summary(rows: list[Row], coll: Collective, world: int, out) -> None:
         bws = [b for b in bws if b == b]
         if bws:
             print(f"#   {impl:>7} {algo:>24}: {sum(bws) / len(bws):.3f}", file=out)
+    if compressing:
+        print("# #wrong columns hold the relative error ||result - sum||_2 / ||sum||_2 against the float64 sum "
+              "of Gaussian inputs", file=out)
+        out.flush()
+        return
     total_wrong = sum(w for r in rows for w in r.wrong.values() if w)
     print(f"# Out of bounds values : {total_wrong} {'OK' if total_wrong == 0 else 'FAILED'}", file=out)
     out.flush()
@@ -297,4 +358,5 @@ def _append_json(a: BenchArgs, row: Row, coll: Collective, dtype: DType, world: 
                 "time_us": row.times_us[inplace], "algbw_GBps": algbw, "busbw_GBps": busbw,
                 "wrong": row.wrong.get(inplace), "transport": a.transport if row.impl == "fmcomm" else row.impl,
                 "wire_bytes": row.wire_bytes, "inter_node_bytes": row.inter_node_bytes,
+                **({"relative_error": row.wrong.get(inplace)} if isinstance(row.wrong.get(inplace), float) else {}),
             }) + "\n")

@@ -17,6 +17,7 @@ EXPECTED_DEFAULTS = {
     "check": True,
     "node_id": "",
     "auto_ring_min_bytes": 1 << 20,
+    "nan": "propagate",
 }
 
 

@@ -1,0 +1,143 @@
+"""Compressed all-reduce: a compressor composed with fmcomm's own collectives.
+
+Over the p ranks of one group, with the tensor cut into p chunks (``chunk_bounds``)
+and rank j owning chunk j:
+
+1. every rank encodes each chunk (its contribution) and sends chunk j's payload to
+   rank j, in one all-to-all of bytes whose sizes every rank computes alone;
+2. each owner decodes the p payloads of its chunk and adds them in float32, in rank
+   order, then encodes that sum;
+3. one all-gather hands every owner's payload to every rank, and every rank decodes
+   all of them into its output.
+
+Every rank decodes the same bytes with the same code, so every rank ends with the
+same bytes. Per rank on the wire: (p-1)/p of the tensor's payload twice, against
+2(p-1)/p of the full-precision bytes for a ring.
+
+With ``@inter`` the tensor is first reduce-scattered inside each node at full
+precision, each local rank then runs the steps above on its shard with the ranks of
+the same local index on the other nodes (so only compressed bytes cross between
+nodes, every local rank on its own lane), and an all-gather inside the node
+finishes. Where that split does not exist (one node, or nodes of unequal size) the
+whole group runs the steps above.
+
+Before any of it, one small all-reduce (MAX) tells every rank whether any input
+holds NaN or infinity, and gives fp8 its bound. Such a call runs uncompressed (the
+value reaches every output, identically) or raises, as ``FMCOMM_NAN`` says; the
+error-feedback state is left as it was.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .compression import CompressionSpec, Compressor, ErrorFeedback
+from .compression.base import round_up
+from .dtypes import DTYPES
+from .errors import NonFiniteError
+from .schedule import chunk_bounds
+
+
+_F32, _WORDS = DTYPES["float32"], DTYPES["int32"]
+
+
+def _amax(x: torch.Tensor) -> float:
+    return float(x.abs().amax()) if x.numel() else 0.0
+
+
+def _agree_on_bound(comm, x: torch.Tensor) -> float:
+    """max |x| over every rank of ``comm`` (NaN or inf where any rank has one)."""
+    local = _amax(x)
+    if comm.world == 1:
+        return local
+    # [nonfinite, bound]: MAX of a flag keeps NaN visible (MAX of NaN itself is
+    # engine-defined), and the bound only counts where every value is finite.
+    v = torch.tensor([0.0 if math.isfinite(local) else 1.0, local if math.isfinite(local) else 0.0],
+                     dtype=torch.float32)
+    comm.all_reduce(v, op="max", algo="native" if comm.transport.supports_native(
+        "all_reduce", _F32, "max", "cpu") else None)
+    return math.inf if v[0].item() > 0 else float(v[1].item())
+
+
+def _flat(comm, x: torch.Tensor, out: torch.Tensor, compressor: Compressor, slot, bound: float | None) -> None:
+    """Steps 1-3 over ``comm`` (float32 ``x`` -> ``out``; they may be one tensor)."""
+    p, me, n = comm.world, comm.rank, x.numel()
+    if compressor.needs_bound and bound is None:
+        bound = _agree_on_bound(comm, x)
+        if not math.isfinite(bound):
+            # Finite inputs whose node sums overflowed float32: nothing to scale by.
+            comm.all_reduce(x, output=out if out.data_ptr() != x.data_ptr() else None)
+            return
+    codec = compressor.begin(p, bound or 0.0)
+    chunks = chunk_bounds(n, p)
+    size = [compressor.payload_bytes(c) for _, c in chunks]
+    slot_bytes = [round_up(s) for s in size]  # 8-byte aligned slots: payloads hold float32/int32 views
+    start = [sum(slot_bytes[:j]) for j in range(p)]
+
+    send = torch.empty(sum(slot_bytes), dtype=torch.uint8, device=x.device)
+    for j, (o, c) in enumerate(chunks):
+        codec.encode_contribution(x[o:o + c], send[start[j]:start[j] + size[j]],
+                                  slot.worker[o:o + c] if slot is not None else None)
+    mine_bytes = slot_bytes[me]
+    recv = torch.empty(p * mine_bytes, dtype=torch.uint8, device=x.device)
+    # Moved as int32 words (slots are multiples of 8 bytes): the collectives carry
+    # the dtypes they reduce, and a byte exchange needs no other.
+    comm._all_to_all_counts(recv.view(torch.int32), send.view(torch.int32), _WORDS,
+                            [[b // 4 for b in slot_bytes]] * p, None, False)
+
+    my_off, my_count = chunks[me]
+    acc = torch.zeros(my_count, dtype=torch.float32, device=x.device)
+    for src in range(p):
+        codec.add_contribution(recv[src * mine_bytes: src * mine_bytes + size[me]], acc)
+
+    width = max(slot_bytes)
+    mine = torch.zeros(width, dtype=torch.uint8, device=x.device)
+    codec.encode_sum(acc, mine[:size[me]], slot.server if slot is not None else None)
+    gathered = torch.empty(p * width, dtype=torch.uint8, device=x.device)
+    comm.all_gather(gathered.view(torch.int32), mine.view(torch.int32))
+    for j, (o, c) in enumerate(chunks):
+        codec.decode_sum(gathered[j * width: j * width + size[j]], out[o:o + c])
+
+
+def _slot(state: ErrorFeedback, key, level: str, compressor: Compressor, comm, n: int, device):
+    if not compressor.error_feedback:
+        return None
+    return state.slot(key, level, n, chunk_bounds(n, comm.world)[comm.rank][1], device)
+
+
+def all_reduce(comm, inp: torch.Tensor, out: torch.Tensor, spec: CompressionSpec, state: ErrorFeedback, key,
+               op: str, levels) -> None:
+    """The compressed all-reduce of ``inp`` into ``out`` over ``comm`` (see the module docstring)."""
+    compressor = spec.compressor
+    x = inp if inp.dtype == torch.float32 else inp.float()
+    bound = _agree_on_bound(comm, x)
+    if not math.isfinite(bound):
+        if comm.config.nan == "raise":
+            raise NonFiniteError("an input of this compressed all_reduce holds NaN or infinity "
+                                 "(FMCOMM_NAN=raise)", rank=comm.rank, op="all_reduce")
+        comm.all_reduce(inp, op=op, output=out if out.data_ptr() != inp.data_ptr() else None)
+        return
+    result = out if out.dtype == torch.float32 else torch.empty_like(x)
+    n = x.numel()
+    if levels is None:
+        _flat(comm, x, result, compressor, _slot(state, key, "all", compressor, comm, n, x.device),
+              bound if compressor.needs_bound else None)
+    else:
+        node, lane = levels
+        local = node.world
+        shard = -(-n // local)
+        padded = torch.zeros(local * shard, dtype=torch.float32, device=x.device)
+        padded[:n] = x
+        node_sum = torch.empty(shard, dtype=torch.float32, device=x.device)
+        node.reduce_scatter(node_sum, padded)
+        _flat(lane, node_sum, node_sum, compressor,
+              _slot(state, key, "inter", compressor, lane, shard, x.device), None)
+        node.all_gather(padded, node_sum)
+        result.copy_(padded[:n])
+    if op == "avg":
+        result.div_(comm.world)
+    if result.data_ptr() != out.data_ptr():
+        out.copy_(result)
+
+

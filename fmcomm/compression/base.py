@@ -1,0 +1,61 @@
+"""What every compressor provides.
+
+A compressed all-reduce has two coding stages, and a compressor codes each one:
+
+* **contribution**: each rank encodes its own values (after adding its worker
+  residual, for families with error feedback); the chunk's owner decodes every
+  rank's payload and accumulates them in float32, in rank order;
+* **sum**: the owner encodes the accumulated chunk (after adding its server
+  residual), and every rank decodes that one payload into its output.
+
+:meth:`Compressor.begin` returns the :class:`Codec` of one call, given what every
+rank agreed on before any data moved (the group size and, for families that need
+one, a bound on |x| over all ranks). Payload sizes depend only on the element count,
+so every rank knows every payload's size without being told.
+"""
+from __future__ import annotations
+
+import abc
+
+import torch
+
+
+class Codec(abc.ABC):
+    """The coding of one call; the four methods of the two stages."""
+
+    @abc.abstractmethod
+    def encode_contribution(self, c: torch.Tensor, payload: torch.Tensor, residual: torch.Tensor | None) -> None:
+        """Encode this rank's values ``c`` into ``payload`` (uint8); update ``residual`` if given."""
+
+    @abc.abstractmethod
+    def add_contribution(self, payload: torch.Tensor, acc: torch.Tensor) -> None:
+        """acc += decoded ``payload`` (float32)."""
+
+    @abc.abstractmethod
+    def encode_sum(self, acc: torch.Tensor, payload: torch.Tensor, residual: torch.Tensor | None) -> None:
+        """Encode an owner's accumulated chunk; update the server ``residual`` if given."""
+
+    @abc.abstractmethod
+    def decode_sum(self, payload: torch.Tensor, out: torch.Tensor) -> None:
+        """out = decoded sum ``payload`` (every rank decodes the same bytes the same way)."""
+
+
+class Compressor(abc.ABC):
+    name: str = ""
+    error_feedback: bool = False  # keeps a worker and a server residual between calls
+    needs_bound: bool = False     # begin() needs max |x| over every rank's input
+
+    @abc.abstractmethod
+    def payload_bytes(self, n: int) -> int:
+        """Bytes of the payload of ``n`` values (the same in both stages)."""
+
+    @abc.abstractmethod
+    def begin(self, world: int, bound: float) -> Codec:
+        """The codec for one call over ``world`` ranks; ``bound`` = max |x| if needs_bound."""
+
+    def __repr__(self) -> str:
+        return f"<compressor {self.name}>"
+
+
+def round_up(n: int, to: int = 8) -> int:
+    return -(-n // to) * to
