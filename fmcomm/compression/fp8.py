@@ -41,18 +41,25 @@ class _SharedScaleCodec(Codec):
         self.contribution_scale = torch.tensor([s], dtype=torch.float32)
         self.sum_scale = self.contribution_scale / world
 
+    def _encode(self, c, payload, residual, scale):
+        if c.numel():
+            kernels.fp8_encode(c, payload, scale.to(c.device), c.numel(), self.fmt, residual)
+
+    def _decode(self, payload, out, scale, accumulate):
+        if out.numel():
+            kernels.fp8_decode(payload, out, scale.to(out.device), out.numel(), self.fmt, accumulate=accumulate)
+
     def encode_contribution(self, c, payload, residual):
-        kernels.fp8_encode(c, payload, self.contribution_scale.to(c.device), max(c.numel(), 1), self.fmt, residual)
+        self._encode(c, payload, residual, self.contribution_scale)
 
     def add_contribution(self, payload, acc):
-        kernels.fp8_decode(payload, acc, self.contribution_scale.to(acc.device), max(acc.numel(), 1), self.fmt,
-                           accumulate=True)
+        self._decode(payload, acc, self.contribution_scale, True)
 
     def encode_sum(self, acc, payload, residual):
-        kernels.fp8_encode(acc, payload, self.sum_scale.to(acc.device), max(acc.numel(), 1), self.fmt, residual)
+        self._encode(acc, payload, residual, self.sum_scale)
 
     def decode_sum(self, payload, out):
-        kernels.fp8_decode(payload, out, self.sum_scale.to(out.device), max(out.numel(), 1), self.fmt)
+        self._decode(payload, out, self.sum_scale, False)
 
 
 class _BlockScaleCodec(Codec):
