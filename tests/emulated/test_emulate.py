@@ -262,3 +262,23 @@ def test_hierarchical_on_emulated_nodes_matches_formula(transport, tmp_path):
         assert all(reports[r]["hierarchical"]["ok"] and reports[r]["ring"]["ok"] for r in ranks)
         assert sum(reports[r]["hierarchical"]["inter_node_bytes"] for r in ranks) == size
         assert sum(reports[r]["ring"]["inter_node_bytes"] for r in ranks) == size * 3 // 2
+
+
+@needs_netns
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("transport", ["mpi", "torch"])
+def test_compressed_on_emulated_nodes(transport, tmp_path):
+    """Every compressor, flat and @inter, across 2 emulated nodes x 2 ranks found by
+    hostname: the checks of tests/multirank/test_compressed.py (correct, identical
+    bytes on every rank) and fp8@inter's bytes off each node against its formula."""
+    sys.path.insert(0, str(ROOT / "tests" / "multirank"))
+    from test_compressed import check_reports, check_traffic
+    program = ROOT / "tests" / "multirank" / "rank_compressed.py"
+    proc = run_emulate("--nodes", "2", "--per-node", "2", "--transport", transport, "--",
+                       sys.executable, str(program), "--out", str(tmp_path), "--transport", transport,
+                       "--nodes", "0", timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reps = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
+    assert reps[0]["node_of"] == [0, 0, 1, 1] and reps[0]["levels"]
+    check_reports(reps)
+    check_traffic(reps)

@@ -2,7 +2,8 @@
 
 ``--nodes K`` splits the ranks into K emulated nodes through FMCOMM_NODE_ID (set here,
 from the launcher's rank, before fmcomm starts), so ``@inter`` runs its two-level
-form without root; tests/emulated runs it on real namespaces.
+form without root; tests/emulated runs it on real namespaces with ``--nodes 0``
+(nodes from the hostnames).
 
 Per case every rank reports a hash of its result bytes (the test requires them all
 equal) and rank 0 checks the result:
@@ -25,13 +26,14 @@ import zlib
 
 import torch
 
-RANK = int(os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
-WORLD = int(os.environ.get("PMI_SIZE", os.environ.get("OMPI_COMM_WORLD_SIZE", "1")))
+RANK = int(os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("RANK", "0"))))
+WORLD = int(os.environ.get("PMI_SIZE", os.environ.get("OMPI_COMM_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))))
 
 from common import parse, report_and_exit  # noqa: E402
 
 ARGS = parse({"--nodes": {"type": int, "default": 1}, "--feedback": {"action": "store_true"}})
-os.environ["FMCOMM_NODE_ID"] = f"node{RANK * ARGS.nodes // WORLD}"
+if ARGS.nodes:
+    os.environ["FMCOMM_NODE_ID"] = f"node{RANK * ARGS.nodes // WORLD}"
 
 import fmcomm  # noqa: E402
 from fmcomm import compression  # noqa: E402
@@ -150,7 +152,7 @@ def main():
     comm = fmcomm.init(transport=ARGS.transport)
     rank, world = comm.rank, comm.world
     assert rank == RANK and world == WORLD
-    report = {"levels": comm.levels() is not None}
+    report = {"levels": comm.levels() is not None, "node_of": list(comm.topology.node_of)}
     for family in FAMILIES:
         compressor = compression.parse(family).compressor
         for level in ("all", "inter"):
@@ -224,6 +226,12 @@ def main():
                 report[key] = feedback_case(comm, family, level)
             except Exception:  # noqa: BLE001
                 report[key] = {"ok": False, "error": traceback.format_exc()}
+    # Bytes that leave the node: fp8 is one byte per value, so per node 2(N-1)/N · n
+    # for n float32 values over N nodes (a quarter of the uncompressed hierarchical's).
+    n = 1 << 16
+    before = comm.executor.stats.inter_node_bytes
+    comm.all_reduce(make_input(rank, n, "traffic"), compress="fp8@inter")
+    report["traffic"] = {"inter_node_bytes": comm.executor.stats.inter_node_bytes - before, "count": n}
     report_and_exit(ARGS, rank, report)
 
 

@@ -12,19 +12,13 @@ import pytest
 from conftest import run_ranks
 
 WORLDS = (1, 2, 3, 4, 5, 8)
+INFO = {"levels", "node_of", "traffic"}
 
 
-@pytest.mark.timeout(600)
-@pytest.mark.parametrize("transport", ["mpi", "torch"])
-@pytest.mark.parametrize("world", WORLDS)
-def test_compressed_all_reduce(world, transport, tmp_path):
-    nodes = 2 if world % 2 == 0 else 1
-    feedback = ("--feedback",) if world in (3, 4) else ()
-    reports = run_ranks(world, "rank_compressed.py", "--transport", transport, "--nodes", str(nodes), *feedback,
-                        out_dir=tmp_path, timeout=550, env={"FMCOMM_TIMEOUT": "120"})
-    assert reports[0]["levels"] == (nodes > 1), "the @inter split should exist exactly where nodes are even"
-    keys = set(reports[0]) - {"levels"}
-    assert all(set(r) - {"levels"} == keys for r in reports), "ranks ran different cases"
+def check_reports(reports):
+    """Every case passed and every rank holds the same bytes; returns the case names."""
+    keys = set(reports[0]) - INFO
+    assert all(set(r) - INFO == keys for r in reports), "ranks ran different cases"
     failures = []
     for key in sorted(keys):
         entries = [r[key] for r in reports]
@@ -36,6 +30,31 @@ def test_compressed_all_reduce(world, transport, tmp_path):
         if "hash" in entries[0] and len({e.get("hash") for e in entries}) != 1:
             failures.append(f"{key}: ranks ended with different bytes")
     assert not failures, "\n".join(failures[:20]) + f"\n({len(failures)} failures)"
+    return keys
+
+
+def check_traffic(reports):
+    """fp8@inter: the bytes leaving each node are 2(N-1)/N · n (one byte per value)."""
+    node_of = reports[0]["node_of"]
+    nodes = sorted(set(node_of))
+    n = reports[0]["traffic"]["count"]
+    for node in nodes:
+        sent = sum(reports[r]["traffic"]["inter_node_bytes"] for r in range(len(reports)) if node_of[r] == node)
+        assert sent == 2 * (len(nodes) - 1) * n // len(nodes), (node, sent)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("transport", ["mpi", "torch"])
+@pytest.mark.parametrize("world", WORLDS)
+def test_compressed_all_reduce(world, transport, tmp_path):
+    nodes = 2 if world % 2 == 0 else 1
+    feedback = ("--feedback",) if world in (3, 4) else ()
+    reports = run_ranks(world, "rank_compressed.py", "--transport", transport, "--nodes", str(nodes), *feedback,
+                        out_dir=tmp_path, timeout=550, env={"FMCOMM_TIMEOUT": "120"})
+    assert reports[0]["levels"] == (nodes > 1), "the @inter split should exist exactly where nodes are even"
+    keys = check_reports(reports)
+    if nodes > 1:
+        check_traffic(reports)
     assert len(keys) > 70
     if feedback:
         assert sum(k.startswith("feedback/") for k in keys) == 4
