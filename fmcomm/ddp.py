@@ -1,0 +1,227 @@
+"""A drop-in communication hook for torch's DistributedDataParallel.
+
+Steps:
+
+1. Start torch.distributed as the script already does (``init_process_group`` under
+   torchrun or mpirun) and wrap the model in ``DistributedDataParallel``.
+2. Add one line: ``state = fmcomm.ddp.register(ddp_model, compress="fp8@inter")``
+   (or, as with PyTorch's own hooks, ``ddp_model.register_comm_hook(HookState(...),
+   fmcomm.ddp.hook)``). fmcomm sets itself up from the model's process group.
+3. Train. Each gradient bucket is averaged over the ranks by fmcomm, asynchronously:
+   the hook returns at once and the backward pass goes on computing later layers
+   while the bucket travels. The first ``start_iter`` steps run uncompressed.
+4. Checkpoint ``state.state_dict()`` beside the model's; after
+   ``state.load_state_dict(...)`` a resumed run computes what an uninterrupted one
+   would have.
+
+Example::
+
+    dist.init_process_group("gloo")
+    model = DDP(net)
+    state = fmcomm.ddp.register(model, compress="onebit@inter", start_iter=10)
+    for x, y in data:
+        loss_fn(model(x), y).backward(); opt.step(); opt.zero_grad()
+
+``compress`` takes every spec of :mod:`fmcomm.compression` (``none``, ``fp16``,
+``bf16``, ``fp8``, ``onebit``, ``topk:R``, each optionally ``@inter``) and ``auto``:
+until the tuner exists, ``auto`` is ``fp8@inter`` where the group spans several
+nodes of equal size (the slow link carries a quarter of the bytes, at fp8's
+accuracy, which needs no error feedback) and ``none`` on one node, where links are
+fast enough that coding costs more than it saves.
+"""
+import threading
+import zlib
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from . import compression
+from .communicator import Communicator
+from .compression import ErrorFeedback
+from .config import Config
+from .errors import InvalidArgument
+
+AUTO = "auto"
+
+
+class HookState:
+    """What the hook needs between calls; one per DDP model.
+
+    Fields by role:
+
+    * where: ``process_group`` (None: torch's default group); the fmcomm
+      communicator made from it on first use (not pickled);
+    * what: ``compress`` (a spec, or ``auto``), ``start_iter`` (steps run
+      uncompressed first: DDP rebuilds its buckets after the first step, and error
+      feedback should start from settled buckets);
+    * carried over steps: ``step`` (counted once per backward, at its last bucket),
+      ``error_feedback`` (the residuals, one key per bucket index).
+    """
+
+    def __init__(self, process_group=None, compress: str = "none", start_iter: int = 10, *,
+                 error_feedback: "ErrorFeedback | None" = None):
+        if isinstance(start_iter, bool) or not isinstance(start_iter, int) or start_iter < 0:
+            raise InvalidArgument(f"start_iter must be an integer >= 0, got {start_iter!r}")
+        if not isinstance(compress, str):
+            raise InvalidArgument(f"compress must be a string such as 'fp8@inter' or 'auto', got "
+                                  f"{type(compress).__name__}")
+        self.compress = compress.strip().lower()
+        if self.compress != AUTO:
+            spec = compression.parse(self.compress)  # InvalidArgument that says what is wrong
+            if spec.enabled and spec.compressor.error_feedback and start_iter < 1:
+                raise InvalidArgument(f"compress={compress!r} keeps error feedback per bucket, and DDP rebuilds "
+                                      f"its buckets after the first step: start_iter must be >= 1")
+        self.process_group = process_group
+        self.start_iter = start_iter
+        self.step = 0
+        self.error_feedback = error_feedback if error_feedback is not None else ErrorFeedback()
+        self._comm: "Communicator | None" = None
+        self._spec = None
+        self._params: "set[int] | None" = None  # ids of the model's parameters, learned in the first backward
+        self._seen: set[int] = set()
+        self._param_index: "dict[int, int] | None" = None  # id(parameter) -> its position in the model
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------- pickling
+    def __getstate__(self) -> dict[str, Any]:
+        keep = {k: v for k, v in self.__dict__.items() if k not in ("process_group", "_comm", "_lock", "_spec")}
+        keep["_params"] = None  # object ids mean nothing in another process
+        keep["_seen"] = set()
+        keep["_param_index"] = None
+        return keep
+
+    def __setstate__(self, d: dict[str, Any]) -> None:
+        self.__dict__.update(d)
+        self.process_group, self._comm, self._spec = None, None, None
+        self._lock = threading.Lock()
+
+    # ----------------------------------------------------------- checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "compress": self.compress, "start_iter": self.start_iter,
+                "error_feedback": self.error_feedback.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name in ("step", "error_feedback"):
+            if name not in state:
+                raise InvalidArgument(f"HookState.load_state_dict: missing {name!r}")
+        if state.get("compress", self.compress) != self.compress:
+            raise InvalidArgument(f"HookState.load_state_dict: checkpoint was made with compress="
+                                  f"{state['compress']!r}, this state has {self.compress!r}")
+        self.step = int(state["step"])
+        self.error_feedback.load_state_dict(state["error_feedback"])
+
+    # -------------------------------------------------------------- helpers
+    def communicator(self) -> Communicator:
+        """The fmcomm communicator over the process group, made on first use (a collective)."""
+        if self._comm is None:
+            from .transport.torch_dist import TorchTransport
+            if not dist.is_initialized():
+                raise InvalidArgument("fmcomm.ddp: torch.distributed is not initialized; call "
+                                      "init_process_group before training")
+            self._comm = Communicator(TorchTransport(self.process_group), Config.from_env(transport="torch"))
+        return self._comm
+
+    def spec(self):
+        if self._spec is None:
+            text = self.compress
+            if text == AUTO:
+                text = "fp8@inter" if self.communicator().levels() is not None else "none"
+            self._spec = compression.parse(text)
+        return self._spec
+
+    def _check_model(self, bucket) -> None:
+        # The first backward this state sees (after creation or unpickling) names the
+        # model's parameters; every later bucket must hold only those.
+        ids = {id(p) for p in bucket.parameters()}
+        if self._params is None:
+            self._seen |= ids
+            if bucket.is_last():
+                self._params = set(self._seen)
+            return
+        if not ids <= self._params:
+            raise InvalidArgument("fmcomm.ddp: this HookState belongs to another model (a bucket holds "
+                                  "parameters it has not seen); make one HookState per DDP model")
+
+
+def _future_of(work, result: torch.Tensor, finish=None) -> "torch.futures.Future[torch.Tensor]":
+    fut: torch.futures.Future = torch.futures.Future()
+
+    def done(f) -> None:
+        err = f.exception()
+        if err is None and finish is not None:
+            try:
+                finish()
+            except Exception as e:  # noqa: BLE001 - handed to DDP through the future
+                err = e
+        if err is not None:
+            fut.set_exception(err)
+        else:
+            fut.set_result(result)
+    work._future.add_done_callback(done)
+    return fut
+
+
+def _canonical_layout(state: "HookState", bucket):
+    """(key, index of each canonical piece's slice in the bucket) or None.
+
+    DDP lays a bucket out in the order gradients became ready in the first step
+    and rebuilds it after that step, so a resumed run's first buckets are laid out
+    differently from the uninterrupted run's at the same step. Coding the bucket in
+    the model's own parameter order (known where ``register`` saw the model) keeps
+    the error-feedback residuals attached to the same values either way.
+    """
+    params = bucket.parameters()
+    if state._param_index is None:
+        return f"bucket{bucket.index()}", None
+    slices, off = [], 0
+    for p in params:
+        slices.append((state._param_index.get(id(p), -1), off, p.numel()))
+        off += p.numel()
+    slices.sort()
+    members = [(i, n) for i, _, n in slices]  # which parameters, not where this layout put them
+    key = f"params{members[0][0]}-{members[-1][0]}-{zlib.crc32(repr(members).encode()):08x}"
+    if [o for _, o, _ in slices] == sorted(o for _, o, _ in slices):
+        return key, None  # already in model order
+    return key, slices
+
+
+def hook(state: "HookState", bucket) -> torch.futures.Future[torch.Tensor]:
+    """Average ``bucket``'s gradients over the group; returns at once with a Future."""
+    if not isinstance(state, HookState):
+        raise InvalidArgument(f"fmcomm.ddp.hook needs a fmcomm.ddp.HookState, got {type(state).__name__}")
+    grads = bucket.buffer()
+    with state._lock:
+        state._check_model(bucket)
+        comm = state.communicator()
+        finish = None
+        if state.step >= state.start_iter and state.spec().enabled:
+            key, slices = _canonical_layout(state, bucket)
+            values = grads
+            if slices is not None:
+                values = torch.cat([grads[o:o + n] for _, o, n in slices])
+
+                def finish() -> None:
+                    at = 0
+                    for _, o, n in slices:
+                        grads[o:o + n].copy_(values[at:at + n])
+                        at += n
+            work = comm.all_reduce(values, op="avg", compress=state.spec(), state=state.error_feedback,
+                                   key=key, async_op=True)
+        else:
+            work = comm.all_reduce(grads, op="avg", async_op=True)
+        if bucket.is_last():
+            state.step += 1
+    return _future_of(work, grads, finish)
+
+
+def register(ddp_model, compress: str = "none", start_iter: int = 10, process_group=None) -> HookState:
+    """Register fmcomm's hook on ``ddp_model`` and return its state."""
+    if not isinstance(ddp_model, torch.nn.parallel.DistributedDataParallel):
+        raise InvalidArgument(f"fmcomm.ddp.register needs a DistributedDataParallel model, got "
+                              f"{type(ddp_model).__name__}")
+    group = process_group if process_group is not None else getattr(ddp_model, "process_group", None)
+    state = HookState(group, compress=compress, start_iter=start_iter)
+    state._param_index = {id(p): i for i, p in enumerate(ddp_model.module.parameters())}
+    ddp_model.register_comm_hook(state, hook)
+    return state
