@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import fmcomm
-from fmcomm import errors
+from fmcomm import compression, errors
+from fmcomm.errors import InvalidArgument
 from fmcomm.dtypes import DTYPES
 
 OPS = ("sum", "avg", "min", "max", "prod")
@@ -229,3 +230,34 @@ def test_all_to_all_refuses_overlapping_buffers(comm):
     x = torch.zeros(4)
     with pytest.raises(fmcomm.InvalidArgument, match="share memory"):
         fmcomm.all_to_all_single(x, x)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"compress": "fp8", "op": "max"}, "sum or avg"),
+    ({"compress": "fp8", "algo": "ring"}, "not both"),
+    ({"compress": "zip"}, "unknown compressor"),
+    ({"compress": "topk:2"}, "ratio"),
+    ({"compress": "onebit", "state": {}}, "ErrorFeedback"),
+    ({"compress": "onebit", "key": 1.5}, "str or int"),
+])
+def test_compressed_all_reduce_argument_errors(comm, kwargs, words):
+    with pytest.raises(InvalidArgument, match=words):
+        comm.all_reduce(torch.ones(8), **kwargs)
+
+
+def test_compressed_all_reduce_needs_a_float_tensor(comm):
+    with pytest.raises(InvalidArgument, match="float32, float16 or bfloat16"):
+        comm.all_reduce(torch.ones(8, dtype=torch.int32), compress="fp8")
+
+
+@pytest.mark.parametrize("spec", ["fp16", "fp8", "onebit", "topk:0.5", "fp8@inter"])
+def test_compressed_all_reduce_on_one_rank_is_decode_of_encode(comm, spec):
+    x = torch.linspace(-1, 1, 101)
+    t = x.clone()
+    comm.all_reduce(t, compress=spec, key=f"unit-{spec}")
+    assert torch.isfinite(t).all() and not torch.equal(t, torch.zeros(101))
+    # Feedback families keep what they did not send: the next call with zeros sends it.
+    if compression.parse(spec).compressor.error_feedback:
+        rest = torch.zeros(101)
+        comm.all_reduce(rest, compress=spec, key=f"unit-{spec}")
+        assert float((t + rest - x).abs().max()) < float((t - x).abs().max())
