@@ -49,8 +49,14 @@ Without it, ``c = x``.
     ``out[idx[j]] += val[j]`` in order of j. Indices are checked to be in range; they must
     also be distinct within one call (not checked: it would need a sort).
 
-The fallback of each step is the torch expression named above (the native kernels were
-written to match it bit for bit, which tests/unit/test_compression_kernels.py checks).
+NaN. A NaN input gives NaN results (and the NaN code, sign kept, from fp8_encode). Where
+one operation meets two NaNs (``x + residual`` with both NaN, a NaN minus the NaN it
+decodes to, accumulating into a NaN), which payload and sign survive is not specified:
+IEEE 754 leaves it open, and on x86 it follows operand order, which neither torch nor the
+compiler fixes. Everything else is specified to the bit.
+
+The torch fallback is the expressions named above; the native kernels match it bit for bit
+(tests/unit/test_compression_kernels.py), on every build of their hot loops.
 """
 from __future__ import annotations
 
@@ -114,7 +120,7 @@ def _vector(name: str, t, dtype: torch.dtype, device: torch.device | None = None
     if not t.is_contiguous():
         raise InvalidArgument(f"{name} must be contiguous")
     if device is not None and t.device != device:
-        raise InvalidArgument(f"{name} is on {t.device}, x is on {device}")
+        raise InvalidArgument(f"{name} is on {t.device}, the other arguments on {device}")
     if numel is not None and t.numel() != numel:
         raise InvalidArgument(f"{name} must have {numel} elements, got {t.numel()}")
     return t
@@ -152,7 +158,8 @@ def _disjoint(outputs: list, inputs: list) -> None:
 
     def overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
         a0, b0 = a.data_ptr(), b.data_ptr()
-        return a.device == b.device and a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
+        a1, b1 = a0 + a.numel() * a.element_size(), b0 + b.numel() * b.element_size()
+        return a.device == b.device and a0 < b1 and b0 < a1
 
     outs, ins = present(outputs), present(inputs)
     for i, (name, out) in enumerate(outs):
