@@ -29,6 +29,7 @@ error-feedback state is left as it was.
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 
@@ -42,8 +43,32 @@ from .schedule import chunk_bounds
 _F32, _WORDS = DTYPES["float32"], DTYPES["int32"]
 
 
+# Seconds spent per phase, summed over calls, when a caller (benchmarks/) sets this
+# to a dict; None costs nothing.
+phase_seconds: "dict[str, float] | None" = None
+
+
+class _Phase:
+    __slots__ = ("name", "t0")
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __enter__(self):
+        self.t0 = time.perf_counter() if phase_seconds is not None else 0.0
+
+    def __exit__(self, *exc):
+        if phase_seconds is not None:
+            phase_seconds[self.name] = phase_seconds.get(self.name, 0.0) + time.perf_counter() - self.t0
+
+
 def _amax(x: torch.Tensor) -> float:
-    return float(x.abs().amax()) if x.numel() else 0.0
+    # max(|min|, |max|) from one aminmax pass: 8x faster here than x.abs().amax(),
+    # which materialises |x|, and NaN comes out as NaN.
+    if not x.numel():
+        return 0.0
+    lo, hi = torch.aminmax(x)
+    return max(abs(float(lo)), abs(float(hi))) if not (math.isnan(float(lo)) or math.isnan(float(hi))) else math.nan
 
 
 def _agree_on_bound(comm, x: torch.Tensor) -> float:
@@ -76,28 +101,32 @@ def _flat(comm, x: torch.Tensor, out: torch.Tensor, compressor: Compressor, slot
     start = [sum(slot_bytes[:j]) for j in range(p)]
 
     send = torch.empty(sum(slot_bytes), dtype=torch.uint8, device=x.device)
-    for j, (o, c) in enumerate(chunks):
-        codec.encode_contribution(x[o:o + c], send[start[j]:start[j] + size[j]],
-                                  slot.worker[o:o + c] if slot is not None else None)
+    with _Phase("encode"):
+        for j, (o, c) in enumerate(chunks):
+            codec.encode_contribution(x[o:o + c], send[start[j]:start[j] + size[j]],
+                                      slot.worker[o:o + c] if slot is not None else None)
     mine_bytes = slot_bytes[me]
     recv = torch.empty(p * mine_bytes, dtype=torch.uint8, device=x.device)
     # Moved as int32 words (slots are multiples of 8 bytes): the collectives carry
     # the dtypes they reduce, and a byte exchange needs no other.
-    comm._all_to_all_counts(recv.view(torch.int32), send.view(torch.int32), _WORDS,
-                            [[b // 4 for b in slot_bytes]] * p, None, False)
+    with _Phase("exchange"):
+        comm._all_to_all_counts(recv.view(torch.int32), send.view(torch.int32), _WORDS,
+                                [[b // 4 for b in slot_bytes]] * p, None, False)
 
     my_off, my_count = chunks[me]
-    acc = torch.zeros(my_count, dtype=torch.float32, device=x.device)
-    for src in range(p):
-        codec.add_contribution(recv[src * mine_bytes: src * mine_bytes + size[me]], acc)
-
     width = max(slot_bytes)
     mine = torch.zeros(width, dtype=torch.uint8, device=x.device)
-    codec.encode_sum(acc, mine[:size[me]], slot.server if slot is not None else None)
+    with _Phase("reduce_and_encode"):
+        acc = torch.zeros(my_count, dtype=torch.float32, device=x.device)
+        for src in range(p):
+            codec.add_contribution(recv[src * mine_bytes: src * mine_bytes + size[me]], acc)
+        codec.encode_sum(acc, mine[:size[me]], slot.server if slot is not None else None)
     gathered = torch.empty(p * width, dtype=torch.uint8, device=x.device)
-    comm.all_gather(gathered.view(torch.int32), mine.view(torch.int32))
-    for j, (o, c) in enumerate(chunks):
-        codec.decode_sum(gathered[j * width: j * width + size[j]], out[o:o + c])
+    with _Phase("gather"):
+        comm.all_gather(gathered.view(torch.int32), mine.view(torch.int32))
+    with _Phase("decode"):
+        for j, (o, c) in enumerate(chunks):
+            codec.decode_sum(gathered[j * width: j * width + size[j]], out[o:o + c])
 
 
 def _slot(state: ErrorFeedback, key, level: str, compressor: Compressor, comm, n: int, device):
@@ -111,7 +140,8 @@ def all_reduce(comm, inp: torch.Tensor, out: torch.Tensor, spec: CompressionSpec
     """The compressed all-reduce of ``inp`` into ``out`` over ``comm`` (see the module docstring)."""
     compressor = spec.compressor
     x = inp if inp.dtype == torch.float32 else inp.float()
-    bound = _agree_on_bound(comm, x)
+    with _Phase("agree"):
+        bound = _agree_on_bound(comm, x)
     if not math.isfinite(bound):
         if comm.config.nan == "raise":
             raise NonFiniteError("an input of this compressed all_reduce holds NaN or infinity "
@@ -127,14 +157,27 @@ def all_reduce(comm, inp: torch.Tensor, out: torch.Tensor, spec: CompressionSpec
         node, lane = levels
         local = node.world
         shard = -(-n // local)
-        padded = torch.zeros(local * shard, dtype=torch.float32, device=x.device)
-        padded[:n] = x
-        node_sum = torch.empty(shard, dtype=torch.float32, device=x.device)
-        node.reduce_scatter(node_sum, padded)
+        whole = local * shard == n  # no padding needed: work on the caller's buffers
+        with _Phase("intra_reduce_scatter"):
+            if whole:
+                padded = None
+                source = x
+            else:
+                padded = torch.zeros(local * shard, dtype=torch.float32, device=x.device)
+                padded[:n] = x
+                source = padded
+            node_sum = torch.empty(shard, dtype=torch.float32, device=x.device)
+            node.reduce_scatter(node_sum, source)
+        # A node sum is bounded by local·(max |x| of any rank): a bound every rank
+        # knows already, so the lanes need no agreement of their own.
         _flat(lane, node_sum, node_sum, compressor,
-              _slot(state, key, "inter", compressor, lane, shard, x.device), None)
-        node.all_gather(padded, node_sum)
-        result.copy_(padded[:n])
+              _slot(state, key, "inter", compressor, lane, shard, x.device), bound * local)
+        with _Phase("intra_all_gather"):
+            if whole:
+                node.all_gather(result, node_sum)
+            else:
+                node.all_gather(padded, node_sum)
+                result.copy_(padded[:n])
     if op == "avg":
         result.div_(comm.world)
     if result.data_ptr() != out.data_ptr():

@@ -35,3 +35,29 @@ def test_bench_checks_every_row(dtype, op, tmp_path):
         # MPICH has no bfloat16 type: native is reported unavailable, not run or faked.
         assert "unavailable" in proc.stdout
         assert not any(r["impl"] == "mpi" for r in rows)
+
+
+@pytest.mark.timeout(200)
+def test_bench_compress_rows_report_error_and_bytes(tmp_path):
+    """--compress: one row per spec beside the uncompressed ones, each with its relative
+    error (bounded by what the family can do) and the bytes it sent per call."""
+    out = tmp_path / "rows.json"
+    fmcomm_cli = Path(sys.executable).parent / "fmcomm"
+    cmd = [str(fmcomm_cli), "bench", "all_reduce", "-n", "2", "-b", "64K", "-e", "64K", "--algo", "ring",
+           "--compress", "none,fp16,fp8,onebit,topk:0.1", "--peer", "mpi", "--iters", "2", "--warmup", "1",
+           "--json", str(out)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["algo"]: r for r in (json.loads(line) for line in out.read_text().splitlines()) if not r["inplace"]}
+    assert set(rows) == {"ring", "fp16", "fp8:e4m3", "onebit", "topk:0.1", "MPI_Allreduce"}
+    # Relative error of one call: float32 sums ~1e-7; fp16 a few 2^-11; fp8 a few 2^-4;
+    # onebit and top-k lose most of one call's values (error feedback repays them later).
+    assert rows["ring"]["relative_error"] < 1e-6 and rows["MPI_Allreduce"]["relative_error"] < 1e-6
+    assert rows["fp16"]["relative_error"] < 2e-3 and rows["fp8:e4m3"]["relative_error"] < 0.1
+    assert 0.1 < rows["onebit"]["relative_error"] < 1.5 and 0.1 < rows["topk:0.1"]["relative_error"] < 1.5
+    n = 16 * 1024  # float32 values
+    # Each of 2 ranks sends the other half of its payload, then its own half-sum's payload.
+    assert rows["ring"]["wire_bytes"] == n * 4 // 2 * 2
+    assert rows["fp16"]["wire_bytes"] == n * 2
+    assert rows["fp8:e4m3"]["wire_bytes"] == n
