@@ -21,10 +21,19 @@ nodes, every local rank on its own lane), and an all-gather inside the node
 finishes. Where that split does not exist (one node, or nodes of unequal size) the
 whole group runs the steps above.
 
-Before any of it, one small all-reduce (MAX) tells every rank whether any input
-holds NaN or infinity, and gives fp8 its bound. Such a call runs uncompressed (the
-value reaches every output, identically) or raises, as ``FMCOMM_NAN`` says; the
-error-feedback state is left as it was.
+Non-finite values: every payload starts with an 8-byte header whose first word says
+whether its sender's values held NaN or infinity; owners pass on what they saw, so
+after step 3 every rank knows the same answer without a round of its own. Such a
+call then runs uncompressed on the untouched input (the value reaches every output
+identically) and that key's residuals are reset (they took the NaN in too). fp8's
+shared scale needs max |x| over every rank before encoding, so fp8 (without
+``block=``) first all-reduces it (MAX); with ``FMCOMM_NAN=raise`` that agreement
+always happens first, so that every rank raises ``NonFiniteError`` before any data
+moves.
+
+Step 3 is itself one round: each owner sends its payload to every rank at once (the
+bytes of a ring all-gather, in one round instead of p-1: payloads are small, and
+on a loaded machine every round costs a scheduling delay).
 """
 from __future__ import annotations
 
@@ -85,25 +94,36 @@ def _agree_on_bound(comm, x: torch.Tensor) -> float:
     return math.inf if v[0].item() > 0 else float(v[1].item())
 
 
-def _flat(comm, x: torch.Tensor, out: torch.Tensor, compressor: Compressor, slot, bound: float | None) -> None:
-    """Steps 1-3 over ``comm`` (float32 ``x`` -> ``out``; they may be one tensor)."""
+_HEADER = 8  # bytes before each payload: int32 non-finite flag, int32 padding
+
+
+def _flat(comm, x: torch.Tensor, out: torch.Tensor, compressor: Compressor, slot, bound: float | None) -> bool:
+    """Steps 1-3 over ``comm`` (float32 ``x`` -> ``out``; they may be one tensor).
+
+    Returns False, with ``out`` not written, where some rank's ``x`` held NaN or
+    infinity: the caller falls back. ``bound``: max |x| over the group, where known.
+    """
     p, me, n = comm.world, comm.rank, x.numel()
-    if compressor.needs_bound and bound is None:
-        bound = _agree_on_bound(comm, x)
-        if not math.isfinite(bound):
-            # Finite inputs whose node sums overflowed float32: nothing to scale by.
-            comm.all_reduce(x, output=out if out.data_ptr() != x.data_ptr() else None)
-            return
-    codec = compressor.begin(p, bound or 0.0)
+    if bound is None:
+        local = _amax(x)
+        if compressor.needs_bound:
+            bound = _agree_on_bound(comm, x) if p > 1 else local
+            if not math.isfinite(bound):
+                return False
+        nonfinite = not math.isfinite(local)
+    else:
+        nonfinite = not math.isfinite(bound)
+    codec = compressor.begin(p, bound if bound is not None and math.isfinite(bound) else 0.0)
     chunks = chunk_bounds(n, p)
     size = [compressor.payload_bytes(c) for _, c in chunks]
-    slot_bytes = [round_up(s) for s in size]  # 8-byte aligned slots: payloads hold float32/int32 views
+    slot_bytes = [_HEADER + round_up(s) for s in size]  # 8-byte aligned: payloads hold float32/int32 views
     start = [sum(slot_bytes[:j]) for j in range(p)]
 
     send = torch.empty(sum(slot_bytes), dtype=torch.uint8, device=x.device)
     with _Phase("encode"):
         for j, (o, c) in enumerate(chunks):
-            codec.encode_contribution(x[o:o + c], send[start[j]:start[j] + size[j]],
+            send[start[j]:start[j] + _HEADER].view(torch.int32).copy_(_flag_words(nonfinite, x.device))
+            codec.encode_contribution(x[o:o + c], send[start[j] + _HEADER:start[j] + _HEADER + size[j]],
                                       slot.worker[o:o + c] if slot is not None else None)
     mine_bytes = slot_bytes[me]
     recv = torch.empty(p * mine_bytes, dtype=torch.uint8, device=x.device)
@@ -117,16 +137,43 @@ def _flat(comm, x: torch.Tensor, out: torch.Tensor, compressor: Compressor, slot
     width = max(slot_bytes)
     mine = torch.zeros(width, dtype=torch.uint8, device=x.device)
     with _Phase("reduce_and_encode"):
+        seen = bool(recv.view(p, mine_bytes)[:, :4].contiguous().view(torch.int32).any()) if p else False
+        mine[:_HEADER].view(torch.int32).copy_(_flag_words(seen, x.device))
         acc = torch.zeros(my_count, dtype=torch.float32, device=x.device)
         for src in range(p):
-            codec.add_contribution(recv[src * mine_bytes: src * mine_bytes + size[me]], acc)
-        codec.encode_sum(acc, mine[:size[me]], slot.server if slot is not None else None)
+            base = src * mine_bytes + _HEADER
+            codec.add_contribution(recv[base: base + size[me]], acc)
+        codec.encode_sum(acc, mine[_HEADER:_HEADER + size[me]], slot.server if slot is not None else None)
     gathered = torch.empty(p * width, dtype=torch.uint8, device=x.device)
     with _Phase("gather"):
-        comm.all_gather(gathered.view(torch.int32), mine.view(torch.int32))
+        words = width // 4
+        comm._all_to_all_counts(gathered.view(torch.int32), mine.view(torch.int32).repeat(p), _WORDS,
+                                [[words] * p] * p, None, False)
+    if bool(gathered.view(p, width)[:, :4].contiguous().view(torch.int32).any()):
+        return False
     with _Phase("decode"):
         for j, (o, c) in enumerate(chunks):
-            codec.decode_sum(gathered[j * width: j * width + size[j]], out[o:o + c])
+            base = j * width + _HEADER
+            codec.decode_sum(gathered[base: base + size[j]], out[o:o + c])
+    return True
+
+
+def _flag_words(flag: bool, device) -> torch.Tensor:
+    return torch.tensor([1 if flag else 0, 0], dtype=torch.int32, device=device)
+
+
+def _forget(slot) -> None:
+    """A call that met NaN/inf: its residuals took it in; start them afresh."""
+    if slot is not None:
+        slot.worker.zero_()
+        slot.server.zero_()
+
+
+def _nonfinite(comm, inp, out, op: str, raising: bool) -> None:
+    if raising:
+        raise NonFiniteError("an input of this compressed all_reduce holds NaN or infinity "
+                             "(FMCOMM_NAN=raise)", rank=comm.rank, op="all_reduce")
+    comm.all_reduce(inp, op=op, output=out if out.data_ptr() != inp.data_ptr() else None)
 
 
 def _slot(state: ErrorFeedback, key, level: str, compressor: Compressor, comm, n: int, device):
@@ -140,19 +187,22 @@ def all_reduce(comm, inp: torch.Tensor, out: torch.Tensor, spec: CompressionSpec
     """The compressed all-reduce of ``inp`` into ``out`` over ``comm`` (see the module docstring)."""
     compressor = spec.compressor
     x = inp if inp.dtype == torch.float32 else inp.float()
-    with _Phase("agree"):
-        bound = _agree_on_bound(comm, x)
-    if not math.isfinite(bound):
-        if comm.config.nan == "raise":
-            raise NonFiniteError("an input of this compressed all_reduce holds NaN or infinity "
-                                 "(FMCOMM_NAN=raise)", rank=comm.rank, op="all_reduce")
-        comm.all_reduce(inp, op=op, output=out if out.data_ptr() != inp.data_ptr() else None)
-        return
+    raising = comm.config.nan == "raise"
+    bound = None
+    if raising or (levels is None and compressor.needs_bound):
+        with _Phase("agree"):
+            bound = _agree_on_bound(comm, x)
+        if not math.isfinite(bound):
+            _nonfinite(comm, inp, out, op, raising)
+            return
     result = out if out.dtype == torch.float32 else torch.empty_like(x)
     n = x.numel()
     if levels is None:
-        _flat(comm, x, result, compressor, _slot(state, key, "all", compressor, comm, n, x.device),
-              bound if compressor.needs_bound else None)
+        slot = _slot(state, key, "all", compressor, comm, n, x.device)
+        if not _flat(comm, x, result, compressor, slot, bound):
+            _forget(slot)
+            _nonfinite(comm, inp, out, op, raising)
+            return
     else:
         node, lane = levels
         local = node.world
@@ -168,10 +218,15 @@ def all_reduce(comm, inp: torch.Tensor, out: torch.Tensor, spec: CompressionSpec
                 source = padded
             node_sum = torch.empty(shard, dtype=torch.float32, device=x.device)
             node.reduce_scatter(node_sum, source)
-        # A node sum is bounded by local·(max |x| of any rank): a bound every rank
-        # knows already, so the lanes need no agreement of their own.
-        _flat(lane, node_sum, node_sum, compressor,
-              _slot(state, key, "inter", compressor, lane, shard, x.device), bound * local)
+        # A node sum is bounded by local·(max |x| of any rank) where that is known;
+        # else each lane agrees on its own (fp8) or learns of NaN from the payloads.
+        slot = _slot(state, key, "inter", compressor, lane, shard, x.device)
+        lane_bound = bound * local if bound is not None else None
+        if not _flat(lane, node_sum, node_sum, compressor, slot, lane_bound):
+            # This lane's shard met NaN/inf (every rank of the lane knows): it runs
+            # uncompressed; other lanes keep their compressed shards.
+            _forget(slot)
+            lane.all_reduce(node_sum)
         with _Phase("intra_all_gather"):
             if whole:
                 node.all_gather(result, node_sum)

@@ -57,7 +57,8 @@ def test_bench_compress_rows_report_error_and_bytes(tmp_path):
     assert rows["fp16"]["relative_error"] < 2e-3 and rows["fp8:e4m3"]["relative_error"] < 0.1
     assert 0.1 < rows["onebit"]["relative_error"] < 1.5 and 0.1 < rows["topk:0.1"]["relative_error"] < 1.5
     n = 16 * 1024  # float32 values
-    # Each of 2 ranks sends the other half of its payload, then its own half-sum's payload.
+    # Each of 2 ranks sends the other half of its payload, then its own half-sum's
+    # payload, each behind an 8-byte header.
     assert rows["ring"]["wire_bytes"] == n * 4 // 2 * 2
-    assert rows["fp16"]["wire_bytes"] == n * 2
-    assert rows["fp8:e4m3"]["wire_bytes"] == n
+    assert rows["fp16"]["wire_bytes"] == n * 2 + 16
+    assert rows["fp8:e4m3"]["wire_bytes"] == n + 16
