@@ -127,8 +127,9 @@ OPTIONS: tuple[Option, ...] = (
            "1M is where fmcomm's ring overtook its native (MPICH) all-reduce in `fmcomm bench -n 2` on the development box."),
     Option("nan", "propagate", _choice("propagate", "raise"),
            "A NaN or infinity in any rank's input to a compressed all-reduce. `propagate`: that call "
-           "runs uncompressed, so the value reaches every rank's output identically (error-feedback "
-           "state untouched); `raise`: every rank raises `NonFiniteError` instead."),
+           "runs uncompressed, so the value reaches every rank's output identically, and its key's "
+           "error-feedback residuals start afresh; `raise`: every rank raises `NonFiniteError` instead "
+           "(at the cost of an agreement round before every compressed call)."),
 )
 
 _BY_NAME = {o.name: o for o in OPTIONS}
