@@ -40,6 +40,30 @@ class Codec(abc.ABC):
         """out = decoded sum ``payload`` (every rank decodes the same bytes the same way)."""
 
 
+class SymmetricCodec(Codec):
+    """A codec whose two stages code alike: subclasses give one encode and one decode."""
+
+    @abc.abstractmethod
+    def _encode(self, values: torch.Tensor, payload: torch.Tensor, residual: torch.Tensor | None) -> None:
+        ...
+
+    @abc.abstractmethod
+    def _decode(self, payload: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
+        ...
+
+    def encode_contribution(self, c, payload, residual):
+        self._encode(c, payload, residual)
+
+    def add_contribution(self, payload, acc):
+        self._decode(payload, acc, True)
+
+    def encode_sum(self, acc, payload, residual):
+        self._encode(acc, payload, residual)
+
+    def decode_sum(self, payload, out):
+        self._decode(payload, out, False)
+
+
 class Compressor(abc.ABC):
     name: str = ""
     error_feedback: bool = False  # keeps a worker and a server residual between calls

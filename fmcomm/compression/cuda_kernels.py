@@ -35,13 +35,13 @@ indices out of range). Everything else only enqueues work.
 from __future__ import annotations
 
 import ctypes
-import operator
 import threading
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import arguments
 from ..errors import FmcommError, InvalidArgument, UnsupportedError
 
 __all__ = ["available", "why_unavailable", "library_path", "fp8_encode", "fp8_decode", "onebit_encode",
@@ -169,37 +169,9 @@ def _require(device: torch.device, kernel: str) -> ctypes.CDLL:
 # Argument checks (devices last, so everything else can be checked without a GPU)
 
 
-def _vector(name: str, t, dtype: torch.dtype, numel: int | None = None) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise InvalidArgument(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype != dtype:
-        raise InvalidArgument(f"{name} must be {dtype}, got {t.dtype}")
-    if t.dim() != 1:
-        raise InvalidArgument(f"{name} must be 1-D, got shape {tuple(t.shape)}")
-    if not t.is_contiguous():
-        raise InvalidArgument(f"{name} must be contiguous")
-    if numel is not None and t.numel() != numel:
-        raise InvalidArgument(f"{name} must have {numel} elements, got {t.numel()}")
-    return t
-
-
-def _integer(name: str, value, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool):
-        raise InvalidArgument(f"{name} must be an integer, got a bool")
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise InvalidArgument(f"{name} must be an integer, got {type(value).__name__}") from None
-    if v < low or (high is not None and v > high):
-        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise InvalidArgument(f"{name} must be {bounds}, got {v}")
-    return v
-
-
-def _flag(name: str, value) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise InvalidArgument(f"{name} must be a bool, got {type(value).__name__}")
-    return bool(value)
+_vector = arguments.vector
+_integer = arguments.integer
+_flag = arguments.flag
 
 
 def _fmt(fmt) -> int:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from . import kernels
-from .base import Codec, Compressor, round_up
+from .base import Codec, Compressor, SymmetricCodec, round_up
 
 FMAX = {"e4m3": 448.0, "e5m2": 57344.0}
 # A bound this small would give a scale beyond float32: values below ~1e-20 carry
@@ -62,7 +62,7 @@ class _SharedScaleCodec(Codec):
         self._decode(payload, out, self.sum_scale, False)
 
 
-class _BlockScaleCodec(Codec):
+class _BlockScaleCodec(SymmetricCodec):
     """Payload: ceil(n/block) float32 scales (padded to 8 bytes), then n fp8 codes."""
 
     def __init__(self, fmt: str, block: int):
@@ -93,18 +93,6 @@ class _BlockScaleCodec(Codec):
             return
         scales, codes = self._split(payload, n)
         kernels.fp8_decode(codes, out, scales, self.block, self.fmt, accumulate=accumulate)
-
-    def encode_contribution(self, c, payload, residual):
-        self._encode(c, payload, residual)
-
-    def add_contribution(self, payload, acc):
-        self._decode(payload, acc, True)
-
-    def encode_sum(self, acc, payload, residual):
-        self._encode(acc, payload, residual)
-
-    def decode_sum(self, payload, out):
-        self._decode(payload, out, False)
 
 
 class FP8Compressor(Compressor):

@@ -60,12 +60,12 @@ The torch fallback is the expressions named above; the native kernels match it b
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from . import arguments
 from ..errors import InvalidArgument, UnsupportedError
 
 try:
@@ -111,38 +111,9 @@ def native_available() -> bool:
 
 
 def _vector(name: str, t, dtype: torch.dtype, device: torch.device | None = None, numel: int | None = None):
-    if not isinstance(t, torch.Tensor):
-        raise InvalidArgument(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype != dtype:
-        raise InvalidArgument(f"{name} must be {dtype}, got {t.dtype}")
-    if t.dim() != 1:
-        raise InvalidArgument(f"{name} must be 1-D, got shape {tuple(t.shape)}")
-    if not t.is_contiguous():
-        raise InvalidArgument(f"{name} must be contiguous")
-    if device is not None and t.device != device:
-        raise InvalidArgument(f"{name} is on {t.device}, the other arguments on {device}")
-    if numel is not None and t.numel() != numel:
-        raise InvalidArgument(f"{name} must have {numel} elements, got {t.numel()}")
-    return t
-
-
-def _integer(name: str, value, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool):
-        raise InvalidArgument(f"{name} must be an integer, got a bool")
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise InvalidArgument(f"{name} must be an integer, got {type(value).__name__}") from None
-    if v < low or (high is not None and v > high):
-        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise InvalidArgument(f"{name} must be {bounds}, got {v}")
-    return v
-
-
-def _flag(name: str, value) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise InvalidArgument(f"{name} must be a bool, got {type(value).__name__}")
-    return bool(value)
+    return arguments.vector(name, t, dtype, numel, device)
+_integer = arguments.integer
+_flag = arguments.flag
 
 
 def _fp8_format(fmt) -> Fp8Format:

@@ -13,33 +13,19 @@ from __future__ import annotations
 import torch
 
 from . import kernels
-from .base import Codec, Compressor
+from .base import Codec, Compressor, SymmetricCodec
 
 _HEAD = 8
 
 
-class _OneBitCodec(Codec):
-    @staticmethod
-    def _encode(values, payload, residual):
+class _OneBitCodec(SymmetricCodec):
+    def _encode(self, values, payload, residual):
         scale = kernels.onebit_encode(values, payload[_HEAD:], residual)
         payload[:4].view(torch.float32).fill_(scale)
 
-    @staticmethod
-    def _decode(payload, out, accumulate):
+    def _decode(self, payload, out, accumulate):
         scale = float(payload[:4].view(torch.float32).item()) if out.numel() else 0.0
         kernels.onebit_decode(payload[_HEAD:], out, scale, accumulate=accumulate)
-
-    def encode_contribution(self, c, payload, residual):
-        self._encode(c, payload, residual)
-
-    def add_contribution(self, payload, acc):
-        self._decode(payload, acc, True)
-
-    def encode_sum(self, acc, payload, residual):
-        self._encode(acc, payload, residual)
-
-    def decode_sum(self, payload, out):
-        self._decode(payload, out, False)
 
 
 class OneBitCompressor(Compressor):

@@ -21,7 +21,7 @@ import math
 import torch
 
 from . import kernels
-from .base import Codec, Compressor
+from .base import Codec, Compressor, SymmetricCodec
 
 
 def k_for(ratio: float, n: int) -> int:
@@ -32,7 +32,7 @@ def k_for(ratio: float, n: int) -> int:
     return min(n, max(1, math.ceil(ratio * n - 1e-9)))
 
 
-class _TopKCodec(Codec):
+class _TopKCodec(SymmetricCodec):
     def __init__(self, ratio: float):
         self.ratio = ratio
 
@@ -41,22 +41,12 @@ class _TopKCodec(Codec):
         return payload[: 4 * k].view(torch.int32), payload[4 * k: 8 * k].view(torch.float32)
 
     def _encode(self, values, payload, residual):
-        n = values.numel()
-        idx, val = self._pairs(payload, n)
+        idx, val = self._pairs(payload, values.numel())
         kernels.topk_select(values, idx.numel(), idx, val, residual)
 
-    def encode_contribution(self, c, payload, residual):
-        self._encode(c, payload, residual)
-
-    def add_contribution(self, payload, acc):
-        idx, val = self._pairs(payload, acc.numel())
-        kernels.scatter_add(idx, val, acc)
-
-    def encode_sum(self, acc, payload, residual):
-        self._encode(acc, payload, residual)
-
-    def decode_sum(self, payload, out):
-        out.zero_()
+    def _decode(self, payload, out, accumulate):
+        if not accumulate:
+            out.zero_()  # a sum's values not sent are zero
         idx, val = self._pairs(payload, out.numel())
         kernels.scatter_add(idx, val, out)
 
