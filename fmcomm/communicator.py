@@ -54,6 +54,10 @@ class Work:
     def is_completed(self) -> bool:
         return self._future.done()
 
+    def add_done_callback(self, fn) -> None:
+        """Call ``fn(future)`` when the collective finished (at once if it has), as concurrent.futures."""
+        self._future.add_done_callback(fn)
+
     def exception(self) -> BaseException | None:
         return self._future.exception() if self._future.done() else None
 

@@ -137,7 +137,7 @@ def _flat(comm, x: torch.Tensor, out: torch.Tensor, compressor: Compressor, slot
     width = max(slot_bytes)
     mine = torch.zeros(width, dtype=torch.uint8, device=x.device)
     with _Phase("reduce_and_encode"):
-        seen = bool(recv.view(p, mine_bytes)[:, :4].contiguous().view(torch.int32).any()) if p else False
+        seen = bool(recv.view(p, mine_bytes)[:, :4].contiguous().view(torch.int32).any())
         mine[:_HEADER].view(torch.int32).copy_(_flag_words(seen, x.device))
         acc = torch.zeros(my_count, dtype=torch.float32, device=x.device)
         for src in range(p):

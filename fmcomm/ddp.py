@@ -158,7 +158,7 @@ def _future_of(work, result: torch.Tensor, finish=None) -> "torch.futures.Future
             fut.set_exception(err)
         else:
             fut.set_result(result)
-    work._future.add_done_callback(done)
+    work.add_done_callback(done)
     return fut
 
 

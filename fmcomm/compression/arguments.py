@@ -47,3 +47,20 @@ def flag(name: str, value) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise InvalidArgument(f"{name} must be a bool, got {type(value).__name__}")
     return bool(value)
+
+
+def float32_value(v: float) -> float:
+    """``v`` rounded to the nearest float32 (overflow gives inf, as a float32 cast)."""
+    with np.errstate(over="ignore"):
+        return float(np.float32(v))
+
+
+def scale_value(scale) -> float:
+    """A onebit scale, a number or a one-element tensor, as the float32 value every implementation uses."""
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1:
+            raise InvalidArgument(f"scale must be a number or a one-element tensor, got {scale.numel()} elements")
+        scale = scale.item()  # may wait for the tensor's device
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating, np.integer)):
+        raise InvalidArgument(f"scale must be a real number, got {type(scale).__name__}")
+    return float32_value(float(scale))

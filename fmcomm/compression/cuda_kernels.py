@@ -38,7 +38,6 @@ import ctypes
 import threading
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from . import arguments
@@ -180,16 +179,7 @@ def _fmt(fmt) -> int:
     return FP8_CODES[fmt]
 
 
-def _scale_value(scale) -> float:
-    """The onebit scale rounded to float32 (a one-element tensor is read, which may wait for its device)."""
-    if isinstance(scale, torch.Tensor):
-        if scale.numel() != 1:
-            raise InvalidArgument(f"scale must be a number or a one-element tensor, got {scale.numel()} elements")
-        scale = scale.item()
-    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating, np.integer)):
-        raise InvalidArgument(f"scale must be a real number, got {type(scale).__name__}")
-    with np.errstate(over="ignore"):
-        return float(np.float32(float(scale)))
+_scale_value = arguments.scale_value
 
 
 def _device(named: list) -> torch.device:

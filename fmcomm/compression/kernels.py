@@ -62,7 +62,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from . import arguments
@@ -139,21 +138,10 @@ def _disjoint(outputs: list, inputs: list) -> None:
                 raise InvalidArgument(f"{name} overlaps {other_name} in memory")
 
 
-def _scale_value(scale) -> float:
-    """The onebit scale as the float32 value every implementation uses."""
-    if isinstance(scale, torch.Tensor):
-        if scale.numel() != 1:
-            raise InvalidArgument(f"scale must be a number or a one-element tensor, got {scale.numel()} elements")
-        scale = scale.item()
-    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating, np.integer)):
-        raise InvalidArgument(f"scale must be a real number, got {type(scale).__name__}")
-    return _to_float32(float(scale))
+_scale_value = arguments.scale_value
 
 
-def _to_float32(v: float) -> float:
-    """Round a Python float (float64) to the nearest float32 value, as C++'s static_cast<float>."""
-    with np.errstate(over="ignore"):
-        return float(np.float32(v))
+_to_float32 = arguments.float32_value
 
 
 def _backend(impl, device: torch.device, kernel: str):
