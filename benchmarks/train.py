@@ -109,6 +109,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
 import fmcomm.ddp  # noqa: E402
+from fmcomm import compressed  # noqa: E402
 from fmcomm.launch import detect  # noqa: E402
 from train_model import Batches, CharGPT, load_corpus  # noqa: E402
 
@@ -461,9 +462,12 @@ def run_config(name: str, args, batches, world: int, ring_inter: bool) -> tuple[
     run = Run(name, args, world, ring_inter)
     net = run.model.module
     losses, step_s, comm_s, sent, inter, wall = [], [], [], [], [], []
+    w = window_start(args, args.steps)
     dist.barrier()
     t_start = time.perf_counter()
     for step in range(args.steps):
+        if step == w and run.state is not None:
+            compressed.phase_seconds = {}  # the compressed all-reduce's phases, over the timed window
         x, y = batches.train_batch(step)
         run.rec.reset()
         w0, i0 = run.counted()
@@ -485,6 +489,7 @@ def run_config(name: str, args, batches, world: int, ring_inter: bool) -> tuple[
         else:
             sent.append((w1 - w0) + run.rec.formula_bytes)
             inter.append((i1 - i0) + run.rec.formula_inter)
+    phases, compressed.phase_seconds = compressed.phase_seconds or {}, None
     val = evaluate(net, batches)
     run.close()
     dist.barrier()
@@ -501,7 +506,9 @@ def run_config(name: str, args, batches, world: int, ring_inter: bool) -> tuple[
     points = [{"config": name, "step": s, "wall_clock_s": wall_max[s], "loss": loss_avg[s],
                "step_ms": step_max[s] * 1e3, "comm_ms": comm_max[s] * 1e3 if comm_max[s] >= 0 else None,
                "bytes": sent_avg[s], "inter_node_bytes": inter_avg[s]} for s in range(args.steps)]
-    w = window_start(args, args.steps)
+    names = sorted(set().union(*all_gather_obj(sorted(phases))))
+    slowest = reduce_series([phases.get(k, 0.0) for k in names], dist.ReduceOp.MAX)
+    phase_ms = {k: v * 1e3 / (args.steps - w) for k, v in zip(names, slowest)}
     ms = [step_max[s] * 1e3 for s in range(w, args.steps)]
     cm = [comm_max[s] * 1e3 for s in range(w, args.steps) if comm_max[s] >= 0]
     summary = {
@@ -512,6 +519,7 @@ def run_config(name: str, args, batches, world: int, ring_inter: bool) -> tuple[
         "comm_ms_mean": statistics.fmean(cm) if cm else None,
         "bytes_per_step": statistics.fmean(sent_avg[w:]), "inter_node_bytes_per_step": statistics.fmean(inter_avg[w:]),
         "bytes_source": run.bytes_source, "total_s": wall_max[-1],
+        "phase_ms_per_step": phase_ms,
     }
     del run, net
     gc.collect()
@@ -576,6 +584,12 @@ def print_table(rows: list[dict], compute: dict | None, meta: dict) -> None:
           f"bytes sent per rank per step (* = formula; fmcomm's counted by its executor, plus by formula the "
           f"buckets it leaves to the engine's all-reduce); train loss = mean of the last "
           f"10 steps; speedup = torch-default ms/step / ms/step", flush=True)
+    timed = [r for r in rows if r.get("phase_ms_per_step")]
+    if timed:
+        print("compressed all-reduce phases, ms per step (slowest rank each, summed over the step's buckets; "
+              "lane phases nest inside the intra-node ones' call):")
+        for r in timed:
+            print(f"  {r['config']:>22}: " + "  ".join(f"{k} {v:.1f}" for k, v in r["phase_ms_per_step"].items()))
 
 
 def write_plot(path: str, points: list[dict], rows: list[dict]) -> None:

@@ -185,6 +185,11 @@ def _slot(state: ErrorFeedback, key, level: str, compressor: Compressor, comm, n
 def all_reduce(comm, inp: torch.Tensor, out: torch.Tensor, spec: CompressionSpec, state: ErrorFeedback, key,
                op: str, levels) -> None:
     """The compressed all-reduce of ``inp`` into ``out`` over ``comm`` (see the module docstring)."""
+    with _Phase("call"):
+        _all_reduce(comm, inp, out, spec, state, key, op, levels)
+
+
+def _all_reduce(comm, inp, out, spec, state, key, op, levels) -> None:
     compressor = spec.compressor
     x = inp if inp.dtype == torch.float32 else inp.float()
     raising = comm.config.nan == "raise"
