@@ -28,10 +28,11 @@ from .config import Config
 from .dtypes import DType, dtype_of, redop_code
 from .errors import (CollectiveError, CommTimeoutError, FmcommError, InvalidArgument, MismatchError,
                      NonFiniteError)
-from .executor import Call, Executor, compile_rounds
+from .executor import Call, Executor, arguments_agreed, compile_rounds
 from .kernels import Reducer, resolve_native
 from .select import select
 from .transport.base import Transport
+from .transport.shared_memory import SharedMemoryCache
 
 log = logging.getLogger("fmcomm")
 
@@ -127,6 +128,8 @@ class Communicator:
         self._inside = threading.local()  # .active while a call of this communicator runs on this thread
         self.error_feedback = ErrorFeedback()  # default state of compressed all-reduces (see all_reduce)
         self._levels_cache: tuple | None = None
+        # Where this is a node group of levels(): its /dev/shm segment, attached on first use.
+        self.shared_memory = SharedMemoryCache(self)
 
     # ---------------------------------------------------------------- plans
     @functools.lru_cache(maxsize=256)
@@ -273,7 +276,12 @@ class Communicator:
         levels = self.levels() if spec.level == "inter" else None  # a collective: made here, in order
 
         def run() -> None:
-            compressed.all_reduce(self, inp, out, spec, state, key, op, levels)
+            # One agreement on the whole call (count, dtype, op, spec); its inner calls
+            # then follow alike on every rank and skip their own.
+            call = Call("all_reduce", f"compressed:{spec.text}", inp.numel(), dtype, op, self._next_seq())
+            self.executor.check_native(call)
+            with arguments_agreed():
+                compressed.all_reduce(self, inp, out, spec, state, key, op, levels)
         return self._submit(run, async_op)
 
     def levels(self) -> "tuple[Communicator, Communicator] | None":
@@ -416,4 +424,5 @@ class Communicator:
             if self._worker is not None:
                 self._worker.shutdown(wait=True)
                 self._worker = None
+            self.shared_memory.close()
             self.transport.close()

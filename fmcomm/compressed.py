@@ -19,7 +19,11 @@ precision, each local rank then runs the steps above on its shard with the ranks
 the same local index on the other nodes (so only compressed bytes cross between
 nodes, every local rank on its own lane), and an all-gather inside the node
 finishes. Where that split does not exist (one node, or nodes of unequal size) the
-whole group runs the steps above.
+whole group runs the steps above. With ``FMCOMM_SHM=auto`` (the default) the two
+intra-node steps go through a /dev/shm segment the node's ranks share
+(``fmcomm.transport.shared_memory``) whenever every rank of the node can map it,
+instead of through the transport; its node sums add the local ranks in rank order,
+which is the transport's ring order too only for nodes of at most two ranks.
 
 Non-finite values: every payload starts with an 8-byte header whose first word says
 whether its sender's values held NaN or infinity; owners pass on what they saw, so
@@ -182,6 +186,18 @@ def _slot(state: ErrorFeedback, key, level: str, compressor: Compressor, comm, n
     return state.slot(key, level, n, chunk_bounds(n, comm.world)[comm.rank][1], device)
 
 
+def _node_shared_memory(comm, node, shard: int, device):
+    """The node's shared segment for this call's intra-node steps, or None for the transport.
+
+    A collective of the node group where it attaches: every rank of the node decides
+    from the same configuration and sizes.
+    """
+    if comm.config.shm == "off" or node.world == 1 or not shard or device.type != "cpu":
+        return None
+    # The reduce-scatter's round needs the most: every local rank's whole input.
+    return node.shared_memory.get(node.world * shard * 4)
+
+
 def all_reduce(comm, inp: torch.Tensor, out: torch.Tensor, spec: CompressionSpec, state: ErrorFeedback, key,
                op: str, levels) -> None:
     """The compressed all-reduce of ``inp`` into ``out`` over ``comm`` (see the module docstring)."""
@@ -214,6 +230,8 @@ def _all_reduce(comm, inp, out, spec, state, key, op, levels) -> None:
         shard = -(-n // local)
         whole = local * shard == n  # no padding needed: work on the caller's buffers
         with _Phase("intra_reduce_scatter"):
+            shared = _node_shared_memory(comm, node, shard, x.device)
+            intra = shared if shared is not None else node
             if whole:
                 padded = None
                 source = x
@@ -222,7 +240,7 @@ def _all_reduce(comm, inp, out, spec, state, key, op, levels) -> None:
                 padded[:n] = x
                 source = padded
             node_sum = torch.empty(shard, dtype=torch.float32, device=x.device)
-            node.reduce_scatter(node_sum, source)
+            intra.reduce_scatter(node_sum, source)
         # A node sum is bounded by local·(max |x| of any rank) where that is known;
         # else each lane agrees on its own (fp8) or learns of NaN from the payloads.
         slot = _slot(state, key, "inter", compressor, lane, shard, x.device)
@@ -234,9 +252,9 @@ def _all_reduce(comm, inp, out, spec, state, key, op, levels) -> None:
             lane.all_reduce(node_sum)
         with _Phase("intra_all_gather"):
             if whole:
-                node.all_gather(result, node_sum)
+                intra.all_gather(result, node_sum)
             else:
-                node.all_gather(padded, node_sum)
+                intra.all_gather(padded, node_sum)
                 result.copy_(padded[:n])
     if op == "avg":
         result.div_(comm.world)

@@ -130,6 +130,10 @@ OPTIONS: tuple[Option, ...] = (
            "runs uncompressed, so the value reaches every rank's output identically, and its key's "
            "error-feedback residuals start afresh; `raise`: every rank raises `NonFiniteError` instead "
            "(at the cost of an agreement round before every compressed call)."),
+    Option("shm", "auto", _choice("auto", "off"),
+           "Intra-node steps (reduce-scatter, all-gather) of `@inter` compressed all-reduces. `auto`: "
+           "the ranks of a node move them through a /dev/shm segment when every rank of the node can "
+           "map it, else through the transport; `off`: always through the transport."),
 )
 
 _BY_NAME = {o.name: o for o in OPTIONS}
@@ -147,6 +151,7 @@ class Config:
     node_id: str = ""
     auto_ring_min_bytes: int = 1 << 20
     nan: str = "propagate"
+    shm: str = "auto"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Config":

@@ -6,6 +6,7 @@ Scenarios (rank 1 is the odd one out):
 - silent: rank 1 never makes the call
 - root:   rank 1 broadcasts from root 1, the others from root 0
 - splits: rank 1's all_to_all_single output splits do not match what the others send
+- compress: rank 1 asks for an fp8 compressed all-reduce where the others ask for onebit
 Each rank reports the exception type it got and its message. Then every rank makes
 one more call, which must be refused (the communicator is unusable after a failure).
 """
@@ -39,6 +40,8 @@ def main():
             if rank == 1:
                 recv = [3] + [2] * (world - 2) + [1]  # same total, wrong pairing
             fmcomm.all_to_all_single(torch.zeros(sum(recv)), torch.ones(sum(send)), recv, send)
+        elif args.scenario == "compress":
+            fmcomm.all_reduce(t, compress="fp8" if rank == 1 else "onebit")
         else:
             fmcomm.all_reduce(t, algo=args.algo)
         report["error"] = None

@@ -52,3 +52,15 @@ def test_disagreeing_root_or_splits(scenario, algo, transport, tmp_path):
     if scenario == "splits":
         # Rank 1 sees the pairing is wrong from the exchanged split sizes, before sending.
         assert reports[1]["error"] == "MismatchError" and "rank" in reports[1]["message"], reports[1]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("transport", ["mpi", "torch"])
+def test_disagreeing_compressor_gets_typed_error(transport, tmp_path):
+    # A compressed all-reduce agrees on its arguments once, up front (its inner calls
+    # skip theirs), so that one agreement must catch ranks that chose other coders.
+    reports = run_ranks(3, "rank_failures.py", "--transport", transport, "--scenario", "compress",
+                        out_dir=tmp_path, env={"FMCOMM_TIMEOUT": TIMEOUT_S}, timeout=100)
+    assert all(r["error"] == "MismatchError" for r in reports), reports
+    assert all("algo" in r["message"] for r in reports), reports
+    assert all(r.get("after") == "FmcommError" for r in reports), "a failed communicator must refuse new work"

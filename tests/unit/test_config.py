@@ -18,6 +18,7 @@ EXPECTED_DEFAULTS = {
     "node_id": "",
     "auto_ring_min_bytes": 1 << 20,
     "nan": "propagate",
+    "shm": "auto",
 }
 
 
