@@ -38,15 +38,22 @@ from ..errors import FmcommError, InvalidArgument, MismatchError
 log = logging.getLogger("fmcomm")
 
 SHM_DIR = "/dev/shm"
-# A segment never grows past this; larger calls run in more rounds. 32 MiB keeps it
-# within a container's default 64 MB /dev/shm, and at 4 local ranks a 64 MiB
-# all-reduce then takes 20 barriers, a small cost against moving 64 MiB.
-SEGMENT_BYTES_MAX = 32 << 20
+# A segment never grows past this; larger calls run in more rounds (a barrier each).
+# Measured with 2 and 4 local ranks over gloo, 64 MiB per rank: a 32 MiB cap (8 rounds
+# at 2 ranks) made the shared reduce-scatter no faster than gloo's TCP; at 256 MiB
+# (one or two rounds) it took 0.56-0.58 of gloo's time. Where /dev/shm is smaller (a
+# container's default 64 MB) attaching fails and the segment is retried smaller.
+SEGMENT_BYTES_MAX = 256 << 20
 _FIRST_SLOT_BYTES = 64 << 10  # small first segments: later calls grow it by doubling
 _ALIGN = 64  # every slot starts on a cache line
 _NAME_BYTES = 64  # room for the segment's name at its start; names are ASCII and shorter
 _HEADER_WORDS = 4  # int64 per (half, local rank): step, count, round, unused
 _STEPS = {"reduce_scatter": 1, "all_gather": 2}
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
 
 
 def _round_up(n: int, to: int) -> int:
@@ -181,16 +188,27 @@ class NodeSharedMemory:
             return  # every rank has the same sizes: nothing moves, nothing to wait for
         step = min(k, self.slot_elements // local)
         blocks = inp.view(local, k)
+        # This rank's own block is read from its input, not through the segment, unless
+        # the output overwrites it before its turn in the sum comes.
+        own_via_segment = _overlaps(out, inp) and me != 0
         for start in range(0, k, step):
             count = min(step, k - start)
             half = self._round % 2
-            self._data[half, me, :local * count].view(local, count).copy_(blocks[:, start:start + count])
+            slot = self._data[half, me, :local * count].view(local, count)
+            for r in range(local):
+                if r != me or own_via_segment:
+                    slot[r].copy_(blocks[r, start:start + count])
             self._meet(half, "reduce_scatter", k)
             mine = slice(me * count, (me + 1) * count)
+            parts = [blocks[me, start:start + count] if r == me and not own_via_segment
+                     else self._data[half, r, mine] for r in range(local)]
             acc = out[start:start + count]
-            acc.copy_(self._data[half, 0, mine])
-            for r in range(1, local):
-                acc.add_(self._data[half, r, mine])
+            if local == 1:
+                acc.copy_(parts[0])
+                continue
+            torch.add(parts[0], parts[1], out=acc)
+            for part in parts[2:]:
+                acc.add_(part)
 
     def all_gather(self, out: torch.Tensor, inp: torch.Tensor) -> None:
         """Every local rank's ``inp`` (k float32 values), in rank order, into every rank's ``out``."""
@@ -201,12 +219,17 @@ class NodeSharedMemory:
             return
         step = min(k, self.slot_elements)
         gathered = out.view(local, k)
+        own_in_place = gathered[me].data_ptr() == inp.data_ptr()
         for start in range(0, k, step):
             count = min(step, k - start)
             half = self._round % 2
             self._data[half, me, :count].copy_(inp[start:start + count])
             self._meet(half, "all_gather", k)
-            gathered[:, start:start + count].copy_(self._data[half, :, :count])
+            for r in range(local):
+                if r != me:
+                    gathered[r, start:start + count].copy_(self._data[half, r, :count])
+        if not own_in_place:
+            gathered[me].copy_(inp)  # after the rounds: inp may overlap other ranks' rows of out
 
     def _check(self, what: str, out: torch.Tensor, inp: torch.Tensor, out_count: int, inp_count: int) -> None:
         if self._mapping is None:
@@ -275,11 +298,17 @@ class SharedMemoryCache:
             return have
         size = min(_max_slot_bytes(self._comm.world),
                    max(want, 2 * have.slot_bytes if have is not None else _FIRST_SLOT_BYTES))
-        self.attaches += 1
-        grown = NodeSharedMemory.attach(self._comm, size)
-        if grown is None:
-            self._refused_from = want
-            return have
+        grown = None
+        while grown is None:
+            self.attaches += 1
+            grown = NodeSharedMemory.attach(self._comm, size)
+            if grown is None:
+                # Too big for this /dev/shm (a container's is often 64 MB): smaller
+                # slots only cost more rounds. Every rank saw the same refusal.
+                self._refused_from = size if self._refused_from is None else min(self._refused_from, size)
+                size //= 4
+                if size < _FIRST_SLOT_BYTES or (have is not None and size <= have.slot_bytes):
+                    return have
         if have is not None:
             have.close()
         self.segment = grown
