@@ -284,6 +284,16 @@ class Communicator:
                 compressed.all_reduce(self, inp, out, spec, state, key, op, levels)
         return self._submit(run, async_op)
 
+    def run_async(self, fn) -> Work:
+        """Run ``fn()`` on this communicator's worker, after every earlier async call.
+
+        For work around collectives that should not hold up the caller (the DDP hook
+        reorders a bucket there): collectives ``fn`` calls on this communicator run
+        inline, in order. ``fn`` must not create groups (``new_group``, a first
+        ``levels()``), which wait for the worker it is running on.
+        """
+        return self._submit(fn, True)
+
     def levels(self) -> "tuple[Communicator, Communicator] | None":
         """(this rank's node group, its lane group) for two-level collectives, made once.
 

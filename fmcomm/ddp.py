@@ -144,16 +144,11 @@ class HookState:
                                   "parameters it has not seen); make one HookState per DDP model")
 
 
-def _future_of(work, result: torch.Tensor, finish=None) -> "torch.futures.Future[torch.Tensor]":
+def _future_of(work, result: torch.Tensor) -> "torch.futures.Future[torch.Tensor]":
     fut: torch.futures.Future = torch.futures.Future()
 
     def done(f) -> None:
         err = f.exception()
-        if err is None and finish is not None:
-            try:
-                finish()
-            except Exception as e:  # noqa: BLE001 - handed to DDP through the future
-                err = e
         if err is not None:
             fut.set_exception(err)
         else:
@@ -194,25 +189,32 @@ def hook(state: "HookState", bucket) -> torch.futures.Future[torch.Tensor]:
     with state._lock:
         state._check_model(bucket)
         comm = state.communicator()
-        finish = None
         if state.step >= state.start_iter and state.spec().enabled:
             key, slices = _canonical_layout(state, bucket)
-            values = grads
-            if slices is not None:
-                values = torch.cat([grads[o:o + n] for _, o, n in slices])
-
-                def finish() -> None:
-                    at = 0
-                    for _, o, n in slices:
-                        grads[o:o + n].copy_(values[at:at + n])
-                        at += n
-            work = comm.all_reduce(values, op="avg", compress=state.spec(), state=state.error_feedback,
-                                   key=key, async_op=True)
+            spec = state.spec()
+            if spec.level == "inter":
+                comm.levels()  # made here, on every rank in bucket order: the worker cannot make groups
+            if slices is None:
+                work = comm.all_reduce(grads, op="avg", compress=spec, state=state.error_feedback, key=key,
+                                       async_op=True)
+            else:
+                # Reordered on the worker: the hook runs on the autograd thread, and
+                # every millisecond spent here holds up the backward pass.
+                work = comm.run_async(lambda: _reduce_in_model_order(comm, grads, slices, spec, state, key))
         else:
             work = comm.all_reduce(grads, op="avg", async_op=True)
         if bucket.is_last():
             state.step += 1
-    return _future_of(work, grads, finish)
+    return _future_of(work, grads)
+
+
+def _reduce_in_model_order(comm, grads: torch.Tensor, slices, spec, state: "HookState", key) -> None:
+    values = torch.cat([grads[o:o + n] for _, o, n in slices])
+    comm.all_reduce(values, op="avg", compress=spec, state=state.error_feedback, key=key)
+    at = 0
+    for _, o, n in slices:
+        grads[o:o + n].copy_(values[at:at + n])
+        at += n
 
 
 def register(ddp_model, compress: str = "none", start_iter: int = 10, process_group=None) -> HookState:

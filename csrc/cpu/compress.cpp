@@ -7,6 +7,9 @@
 #include <functional>
 #include <memory>
 #include <string_view>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 // Every hot loop is an always-inline "body", compiled twice (FMCOMM_DEFINE_BUILD below):
 // for baseline x86-64 (SSE2) and with target("avx2"), picked at load time from the CPU's
@@ -137,6 +140,34 @@ FMCOMM_INLINE float fp8_value(uint32_t q) {
 // 16 and 8 bits along the way and the loop runs at half the speed.
 constexpr std::size_t kCodeTile = 256;
 
+// Outputs at least this large are written with non-temporal stores: they outgrow the
+// caches anyway, and a plain store first reads every line it is about to overwrite
+// whole (a decode into 64 MiB reads 64 MiB it never uses). Smaller outputs stay cached
+// for the step that reads them next.
+constexpr std::size_t kStreamBytes = std::size_t{4} << 20;
+
+// dst[0..len) = tile[0..len), bypassing the caches where the target allows. The caller
+// ends a streaming kernel with stream_fence().
+template <class T>
+FMCOMM_INLINE void stream_out(T* __restrict dst, const T* __restrict tile, std::size_t len) {
+  std::size_t i = 0;
+#if defined(__SSE2__)
+  constexpr std::size_t kPer = 16 / sizeof(T);
+  for (; i < len && (reinterpret_cast<std::uintptr_t>(dst + i) & 15u); ++i) dst[i] = tile[i];
+  for (; i + kPer <= len; i += kPer) {
+    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i),
+                     _mm_loadu_si128(reinterpret_cast<const __m128i*>(tile + i)));
+  }
+#endif
+  for (; i < len; ++i) dst[i] = tile[i];
+}
+
+FMCOMM_INLINE void stream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();  // streamed stores become visible before the kernel returns
+#endif
+}
+
 template <class Fmt, bool kResidual>
 FMCOMM_INLINE void fp8_encode_span(const float* __restrict x, float* __restrict residual, uint8_t* __restrict out,
                                    float s, std::size_t n) {
@@ -160,6 +191,8 @@ FMCOMM_INLINE void fp8_encode_span(const float* __restrict x, float* __restrict 
 template <class Fmt, bool kResidual>
 FMCOMM_INLINE void fp8_encode_blocks(const float* x, float* residual, uint8_t* out, const float* scale,
                                      std::size_t n, std::size_t block) {
+  // Codes are written with plain stores: streaming them measured no faster (a quarter
+  // of the bytes of the values, and the payload is sent next, from the cache).
   for (std::size_t begin = 0, b = 0; begin < n; begin += block, ++b) {
     const std::size_t len = std::min(block, n - begin);
     fp8_encode_span<Fmt, kResidual>(x + begin, kResidual ? residual + begin : nullptr, out + begin, scale[b], len);
@@ -180,23 +213,32 @@ FMCOMM_INLINE void fp8_encode_body(const float* x, float* residual, uint8_t* out
 template <class Fmt, bool kAccumulate>
 FMCOMM_INLINE void fp8_decode_blocks(const uint8_t* q, float* out, const float* scale, std::size_t n,
                                      std::size_t block) {
+  // Accumulating reads every output line anyway; only a plain decode streams.
+  const bool stream = !kAccumulate && n * sizeof(float) >= kStreamBytes;
   for (std::size_t begin = 0, b = 0; begin < n; begin += block, ++b) {
     const std::size_t len = std::min(block, n - begin);
     const float s = scale[b];
     // Widened to 32 bits first, a tile at a time, for the reason fp8_encode_span narrows last.
     uint32_t codes[kCodeTile];
+    alignas(16) float values[kCodeTile];
     for (std::size_t tile = 0; tile < len; tile += kCodeTile) {
       const std::size_t tile_len = std::min(kCodeTile, len - tile);
       const uint8_t* __restrict src = q + begin + tile;
       float* __restrict dst = out + begin + tile;
       for (std::size_t i = 0; i < tile_len; ++i) codes[i] = src[i];
-      for (std::size_t i = 0; i < tile_len; ++i) {
+      if (stream) {
         // True division, as the contract fixes: a multiply by 1/s would round differently.
+        for (std::size_t i = 0; i < tile_len; ++i) values[i] = fp8_value<Fmt>(codes[i]) / s;
+        stream_out(dst, values, tile_len);
+        continue;
+      }
+      for (std::size_t i = 0; i < tile_len; ++i) {
         const float d = fp8_value<Fmt>(codes[i]) / s;
         dst[i] = kAccumulate ? dst[i] + d : d;
       }
     }
   }
+  if (stream) stream_fence();
 }
 
 FMCOMM_INLINE void fp8_decode_body(const uint8_t* q, float* out, const float* scale, std::size_t n,
@@ -317,8 +359,19 @@ FMCOMM_INLINE void onebit_decode_span(const uint8_t* __restrict bits, float* __r
 
 FMCOMM_INLINE void onebit_decode_body(const uint8_t* bits, float* out, float scale, std::size_t n,
                                       bool accumulate) {
-  if (accumulate) onebit_decode_span<true>(bits, out, scale, n);
-  else onebit_decode_span<false>(bits, out, scale, n);
+  if (accumulate) {
+    onebit_decode_span<true>(bits, out, scale, n);
+  } else if (n * sizeof(float) >= kStreamBytes) {
+    alignas(16) float values[kCodeTile];  // kCodeTile is a multiple of 8: tiles start on a byte of bits
+    for (std::size_t begin = 0; begin < n; begin += kCodeTile) {
+      const std::size_t len = std::min(kCodeTile, n - begin);
+      onebit_decode_span<false>(bits + begin / 8, values, scale, len);
+      stream_out(out + begin, values, len);
+    }
+    stream_fence();
+  } else {
+    onebit_decode_span<false>(bits, out, scale, n);
+  }
 }
 
 // ---------------------------------------------------------------------------------------
