@@ -201,7 +201,7 @@ class Communicator:
         """Select, plan and run one collective (the path every public call takes)."""
         device = inp.device.type
         name = select(collective, max(inp.numel(), out.numel()) * dtype.itemsize, dtype, op, device,
-                      self.transport, self.config, algo)
+                      self.transport, self.config, algo, self.topology.node_of)
         if name == algorithms.NATIVE:
             plan = reducer = None
         else:

@@ -123,7 +123,8 @@ OPTIONS: tuple[Option, ...] = (
            "Name of the node this rank runs on; empty: the hostname. Ranks with one name share a node."),
     Option("auto_ring_min_bytes", 1 << 20, parse_size,
            "`auto` all-reduce rule until the tuner exists: the engine's native all-reduce below this "
-           "many bytes (where it supports the dtype and op), `ring` from here up (0: never prefer ring). "
+           "many bytes (where it supports the dtype and op), `ring` from here up, or `hierarchical` where the "
+           "ranks span several nodes of two or more ranks each (0: never prefer either). "
            "1M is where fmcomm's ring overtook its native (MPICH) all-reduce in `fmcomm bench -n 2` on the development box."),
     Option("nan", "propagate", _choice("propagate", "raise"),
            "A NaN or infinity in any rank's input to a compressed all-reduce. `propagate`: that call "
