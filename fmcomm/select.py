@@ -14,6 +14,7 @@ the ranks span several nodes of two or more ranks each, ``hierarchical`` instead
 from __future__ import annotations
 
 from .algorithms import AUTO, NATIVE, REGISTRY, names
+from .algorithms.hierarchical import group_by_node
 from .config import Config
 from .dtypes import DType
 from .errors import InvalidArgument, UnsupportedError
@@ -48,10 +49,8 @@ def _several_shared_nodes(node_of) -> bool:
     """Ranks on two or more nodes, each node holding two or more of them."""
     if not node_of:
         return False
-    per_node: dict = {}
-    for n in node_of:
-        per_node[n] = per_node.get(n, 0) + 1
-    return len(per_node) >= 2 and min(per_node.values()) >= 2
+    nodes = group_by_node(tuple(node_of))
+    return len(nodes) >= 2 and min(len(members) for members in nodes) >= 2
 
 
 def select(collective: str, nbytes: int, dtype: DType, op: str, device: str,
