@@ -17,8 +17,11 @@ same bytes. Per rank on the wire: (p-1)/p of the tensor's payload twice, against
 With ``@inter`` the tensor is first reduce-scattered inside each node at full
 precision, each local rank then runs the steps above on its shard with the ranks of
 the same local index on the other nodes (so only compressed bytes cross between
-nodes, every local rank on its own lane), and an all-gather inside the node
-finishes. Where that split does not exist (one node, or nodes of unequal size) the
+nodes, every local rank on its own lane), and the node's ranks then all-gather
+their lanes' sum payloads, not decoded shards: compressed bytes, 1/4 (fp8) to
+1/32 (onebit) of the shards', and every rank of the node decodes every shard
+itself. (A node one of whose lanes met NaN/inf gathers full-precision shards
+instead.) Where that split does not exist (one node, or nodes of unequal size) the
 whole group runs the steps above. With ``FMCOMM_SHM=auto`` (the default) the two
 intra-node steps go through a /dev/shm segment the node's ranks share
 (``fmcomm.transport.shared_memory``) whenever every rank of the node can map it,
@@ -41,15 +44,18 @@ on a loaded machine every round costs a scheduling delay).
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 
 import torch
 
 from .compression import CompressionSpec, Compressor, ErrorFeedback
+from .compression.state import Slot
 from .compression.base import round_up
 from .dtypes import DTYPES
 from .errors import NonFiniteError
+from .executor import arguments_agreed
 from .schedule import chunk_bounds
 
 
@@ -101,11 +107,50 @@ def _agree_on_bound(comm, x: torch.Tensor) -> float:
 _HEADER = 8  # bytes before each payload: int32 non-finite flag, int32 padding
 
 
+class _Sums:
+    """What step 3 leaves on a rank: every owner's sum payload, and the codec that reads them."""
+    __slots__ = ("codec", "bound", "gathered", "chunks", "size", "width")
+
+    def __init__(self, codec, bound, gathered, chunks, size, width):
+        self.codec, self.bound, self.gathered = codec, bound, gathered
+        self.chunks, self.size, self.width = chunks, size, width
+
+    def decode(self, out: torch.Tensor, codec=None, gathered=None) -> None:
+        """out = every owner's decoded sum, in chunk order (another rank's bytes and codec if given)."""
+        codec = codec or self.codec
+        gathered = self.gathered if gathered is None else gathered
+        for j, (o, c) in enumerate(self.chunks):
+            base = j * self.width + _HEADER
+            codec.decode_sum(gathered[base: base + self.size[j]], out[o:o + c])
+
+
+def _layout(compressor: Compressor, n: int, p: int):
+    """chunks, payload sizes, 8-byte-aligned slot sizes and the gather's slot width of n values over p."""
+    chunks = chunk_bounds(n, p)
+    size = [compressor.payload_bytes(c) for _, c in chunks]
+    slot_bytes = [_HEADER + round_up(s) for s in size]  # 8-byte aligned: payloads hold float32/int32 views
+    return chunks, size, slot_bytes, max(slot_bytes)
+
+
 def _flat(comm, x: torch.Tensor, out: torch.Tensor, compressor: Compressor, slot, bound: float | None) -> bool:
     """Steps 1-3 over ``comm`` (float32 ``x`` -> ``out``; they may be one tensor).
 
     Returns False, with ``out`` not written, where some rank's ``x`` held NaN or
     infinity: the caller falls back. ``bound``: max |x| over the group, where known.
+    """
+    sums = _flat_sums(comm, x, compressor, slot, bound)
+    if sums is None:
+        return False
+    with _Phase("decode"):
+        sums.decode(out)
+    return True
+
+
+def _flat_sums(comm, x: torch.Tensor, compressor: Compressor, slot, bound: float | None,
+               gathered: torch.Tensor | None = None) -> _Sums | None:
+    """Steps 1-3 up to, not including, the decode; None where some rank met NaN/inf.
+
+    ``gathered``: where step 3's bytes (p times the slot width) should land.
     """
     p, me, n = comm.world, comm.rank, x.numel()
     if bound is None:
@@ -113,14 +158,13 @@ def _flat(comm, x: torch.Tensor, out: torch.Tensor, compressor: Compressor, slot
         if compressor.needs_bound:
             bound = _agree_on_bound(comm, x) if p > 1 else local
             if not math.isfinite(bound):
-                return False
+                return None
         nonfinite = not math.isfinite(local)
     else:
         nonfinite = not math.isfinite(bound)
-    codec = compressor.begin(p, bound if bound is not None and math.isfinite(bound) else 0.0)
-    chunks = chunk_bounds(n, p)
-    size = [compressor.payload_bytes(c) for _, c in chunks]
-    slot_bytes = [_HEADER + round_up(s) for s in size]  # 8-byte aligned: payloads hold float32/int32 views
+    begun_with = bound if bound is not None and math.isfinite(bound) else 0.0
+    codec = compressor.begin(p, begun_with)
+    chunks, size, slot_bytes, width = _layout(compressor, n, p)
     start = [sum(slot_bytes[:j]) for j in range(p)]
 
     send = torch.empty(sum(slot_bytes), dtype=torch.uint8, device=x.device)
@@ -137,8 +181,7 @@ def _flat(comm, x: torch.Tensor, out: torch.Tensor, compressor: Compressor, slot
         comm._all_to_all_counts(recv.view(torch.int32), send.view(torch.int32), _WORDS,
                                 [[b // 4 for b in slot_bytes]] * p, None, False)
 
-    my_off, my_count = chunks[me]
-    width = max(slot_bytes)
+    my_count = chunks[me][1]
     mine = torch.zeros(width, dtype=torch.uint8, device=x.device)
     with _Phase("reduce_and_encode"):
         seen = bool(recv.view(p, mine_bytes)[:, :4].contiguous().view(torch.int32).any())
@@ -148,17 +191,50 @@ def _flat(comm, x: torch.Tensor, out: torch.Tensor, compressor: Compressor, slot
             base = src * mine_bytes + _HEADER
             codec.add_contribution(recv[base: base + size[me]], acc)
         codec.encode_sum(acc, mine[_HEADER:_HEADER + size[me]], slot.server if slot is not None else None)
-    gathered = torch.empty(p * width, dtype=torch.uint8, device=x.device)
+    if gathered is None:
+        gathered = torch.empty(p * width, dtype=torch.uint8, device=x.device)
     with _Phase("gather"):
         words = width // 4
         comm._all_to_all_counts(gathered.view(torch.int32), mine.view(torch.int32).repeat(p), _WORDS,
                                 [[words] * p] * p, None, False)
     if bool(gathered.view(p, width)[:, :4].contiguous().view(torch.int32).any()):
+        return None
+    return _Sums(codec, begun_with, gathered, chunks, size, width)
+
+
+# Each local rank's record in the node's exchange of lane sums: int32 "my lane ran
+# uncompressed", int32 padding, float64 the bound its lane's codec began with, then
+# its lane's gathered sum payloads.
+_RECORD_HEAD = 16
+
+
+def _share_lane_sums(intra, node, lane, compressor: Compressor, sums: _Sums | None, record: torch.Tensor,
+                     target: torch.Tensor, shard: int) -> bool:
+    """Every local rank's lane sums to every local rank, each decoding all of them into ``target``.
+
+    The node exchanges compressed bytes (1/4 to 1/32 of the shard's) instead of
+    full-precision shards, and every rank of the node decodes every shard itself;
+    every rank still decodes the same bytes the same way. Returns False, with
+    ``target`` not written, where some local rank's lane ran uncompressed: then
+    the node gathers full-precision shards instead (every rank sees the same records,
+    so every rank decides alike).
+    """
+    local, me = node.world, node.rank
+    head = record[:_RECORD_HEAD]
+    head[:8].view(torch.int32).copy_(_flag_words(sums is None, record.device))
+    head[8:].view(torch.float64).fill_(sums.bound if sums is not None else 0.0)
+    records = torch.empty(local * record.numel(), dtype=torch.uint8, device=record.device)
+    with _Phase("intra_all_gather"):
+        # float32 views: both the shared segment and the transports move them as bytes.
+        intra.all_gather(records.view(torch.float32), record.view(torch.float32))
+    rows = records.view(local, record.numel())
+    if bool(rows[:, :4].contiguous().view(torch.int32).any()):
         return False
     with _Phase("decode"):
-        for j, (o, c) in enumerate(chunks):
-            base = j * width + _HEADER
-            codec.decode_sum(gathered[base: base + size[j]], out[o:o + c])
+        for r in range(local):
+            bound = float(rows[r, 8:_RECORD_HEAD].contiguous().view(torch.float64).item())
+            codec = sums.codec if bound == sums.bound else compressor.begin(lane.world, bound)
+            sums.decode(target[r * shard:(r + 1) * shard], codec, rows[r, _RECORD_HEAD:])
     return True
 
 
@@ -198,6 +274,98 @@ def _node_shared_memory(comm, node, shard: int, device):
     return node.shared_memory.get(node.world * shard * 4)
 
 
+# Elements per rank in one piece of the pipelined @inter all-reduce: big enough that
+# a piece's fixed costs (node barriers, lane round trips) stay small, small enough
+# that a 64 MiB tensor makes several pieces to overlap.
+PIECE_ELEMENTS = 4 << 20
+
+
+def _pieces(n: int, local: int) -> list[tuple[int, int, int]]:
+    """(offset, count, shard) of each piece: ``count`` values of the tensor, ``shard`` per local rank."""
+    step = PIECE_ELEMENTS * local
+    out = []
+    for o in range(0, n, step):
+        c = min(step, n - o)
+        out.append((o, c, -(-c // local)))
+    return out
+
+
+def _two_level(comm, x, result, compressor, state, key, bound, node, lane) -> None:
+    """``@inter``: node reduce-scatter, lane compression, node exchange of sums, piece by piece.
+
+    The tensor goes in pieces (``PIECE_ELEMENTS`` per rank). This thread runs each
+    piece's node steps; the lane communicator's worker runs its lane steps, so piece
+    q's bytes cross the slow link while this thread reduce-scatters piece q+1 and
+    shares piece q-1. Both orders are the same on every rank, and each piece's result
+    depends on its bytes only, so the result does not depend on the timing.
+    """
+    local = node.world
+    pieces = _pieces(x.numel(), local)
+    if not pieces:
+        return  # nothing to reduce: every rank skips alike
+    p_lane = lane.world
+    owned = [chunk_bounds(shard, p_lane)[lane.rank][1] for _, _, shard in pieces]
+    slot = (state.slot(key, "inter", sum(s for _, _, s in pieces), sum(owned), x.device)
+            if compressor.error_feedback else None)
+    # A node sum is bounded by local·(max |x| of any rank) where that is known;
+    # else each lane agrees on its own (fp8) or learns of NaN from the payloads.
+    lane_bound = bound * local if bound is not None else None
+    shared = _node_shared_memory(comm, node, pieces[0][2], x.device)
+    intra = shared if shared is not None else node
+    worker_at = server_at = 0
+    started = []  # per piece: (its lane job, node sum, record, target, padded)
+    for q, (o, c, shard) in enumerate(pieces):
+        with _Phase("intra_reduce_scatter"):
+            if local * shard == c:
+                padded, source = None, x[o:o + c]
+            else:
+                padded = torch.zeros(local * shard, dtype=torch.float32, device=x.device)
+                padded[:c] = x[o:o + c]
+                source = padded
+            node_sum = torch.empty(shard, dtype=torch.float32, device=x.device)
+            intra.reduce_scatter(node_sum, source)
+        piece_slot = None
+        if slot is not None:
+            piece_slot = Slot(slot.worker[worker_at:worker_at + shard], slot.server[server_at:server_at + owned[q]])
+            worker_at, server_at = worker_at + shard, server_at + owned[q]
+        record = torch.empty(_RECORD_HEAD + p_lane * _layout(compressor, shard, p_lane)[3], dtype=torch.uint8,
+                             device=x.device)
+        box: list = []  # the lane job's _Sums (or None), once it ran
+        job = lane.run_async(functools.partial(_lane_piece, lane, node_sum, compressor, piece_slot, lane_bound,
+                                               record, box))
+        started.append(((job, box), node_sum, record, result[o:o + c] if padded is None else padded, padded, o, c))
+        if q:
+            _finish_piece(intra, node, lane, compressor, result, *started[q - 1])
+    _finish_piece(intra, node, lane, compressor, result, *started[-1])
+
+
+def _lane_piece(lane, node_sum, compressor, slot, lane_bound, record, box: list) -> None:
+    """A piece's lane steps, on the lane's worker (inside the call's argument agreement); the sums go in ``box``."""
+    with arguments_agreed():
+        sums = _flat_sums(lane, node_sum, compressor, slot, lane_bound, record[_RECORD_HEAD:])
+        if sums is None:
+            # This lane's shard met NaN/inf (every rank of the lane knows): it runs
+            # uncompressed; other lanes keep their compressed shards.
+            if slot is not None:
+                _forget(slot)
+            lane.all_reduce(node_sum)
+        box.append(sums)
+
+
+def _finish_piece(intra, node, lane, compressor, result, job, node_sum, record, target, padded, o, c) -> None:
+    work, box = job
+    with _Phase("lane_wait"):
+        work.wait()
+    sums = box[0]
+    if not _share_lane_sums(intra, node, lane, compressor, sums, record, target, node_sum.numel()):
+        if sums is not None:
+            sums.decode(node_sum)
+        with _Phase("intra_all_gather"):
+            intra.all_gather(target, node_sum)
+    if padded is not None:
+        result[o:o + c].copy_(padded[:c])
+
+
 def all_reduce(comm, inp: torch.Tensor, out: torch.Tensor, spec: CompressionSpec, state: ErrorFeedback, key,
                op: str, levels) -> None:
     """The compressed all-reduce of ``inp`` into ``out`` over ``comm`` (see the module docstring)."""
@@ -226,36 +394,7 @@ def _all_reduce(comm, inp, out, spec, state, key, op, levels) -> None:
             return
     else:
         node, lane = levels
-        local = node.world
-        shard = -(-n // local)
-        whole = local * shard == n  # no padding needed: work on the caller's buffers
-        with _Phase("intra_reduce_scatter"):
-            shared = _node_shared_memory(comm, node, shard, x.device)
-            intra = shared if shared is not None else node
-            if whole:
-                padded = None
-                source = x
-            else:
-                padded = torch.zeros(local * shard, dtype=torch.float32, device=x.device)
-                padded[:n] = x
-                source = padded
-            node_sum = torch.empty(shard, dtype=torch.float32, device=x.device)
-            intra.reduce_scatter(node_sum, source)
-        # A node sum is bounded by local·(max |x| of any rank) where that is known;
-        # else each lane agrees on its own (fp8) or learns of NaN from the payloads.
-        slot = _slot(state, key, "inter", compressor, lane, shard, x.device)
-        lane_bound = bound * local if bound is not None else None
-        if not _flat(lane, node_sum, node_sum, compressor, slot, lane_bound):
-            # This lane's shard met NaN/inf (every rank of the lane knows): it runs
-            # uncompressed; other lanes keep their compressed shards.
-            _forget(slot)
-            lane.all_reduce(node_sum)
-        with _Phase("intra_all_gather"):
-            if whole:
-                intra.all_gather(result, node_sum)
-            else:
-                intra.all_gather(padded, node_sum)
-                result.copy_(padded[:n])
+        _two_level(comm, x, result, compressor, state, key, bound, node, lane)
     if op == "avg":
         result.div_(comm.world)
     if result.data_ptr() != out.data_ptr():

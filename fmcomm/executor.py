@@ -150,6 +150,17 @@ class TrafficStats:
     inter_node_bytes: int = 0
     calls: int = 0
 
+    def count(self, wire_bytes: int, inter_node_bytes: int) -> None:
+        # A node and a lane group share one TrafficStats and may run at once (the
+        # pipelined @inter all-reduce), so the sums are taken under a lock.
+        with _STATS_LOCK:
+            self.wire_bytes += wire_bytes
+            self.inter_node_bytes += inter_node_bytes
+            self.calls += 1
+
+
+_STATS_LOCK = threading.Lock()
+
 
 def _segments(peer: int, r: Range, seg: int, isz: int) -> list[_Msg]:
     return [_Msg(peer, r.buf, (r.offset + o) * isz, (r.offset + o + min(seg, r.count - o)) * isz)
@@ -381,9 +392,7 @@ class Executor:
                 self._wait(pending, call, peers.pop() if len(peers) == 1 else None, "round")
         if call.op == "avg" and average:
             finish_avg(out, t.world)
-        self.stats.wire_bytes += plan.wire_bytes
-        self.stats.inter_node_bytes += plan.inter_node_bytes
-        self.stats.calls += 1
+        self.stats.count(plan.wire_bytes, plan.inter_node_bytes)
 
     def run_native(self, call: Call, inp: torch.Tensor, out: torch.Tensor, start=None) -> None:
         """The engine's own collective: ``start()`` posts it (default: its all-reduce)."""

@@ -31,11 +31,13 @@ WORLD = int(os.environ.get("PMI_SIZE", os.environ.get("OMPI_COMM_WORLD_SIZE", os
 
 from common import parse, report_and_exit  # noqa: E402
 
-ARGS = parse({"--nodes": {"type": int, "default": 1}, "--feedback": {"action": "store_true"}})
+ARGS = parse({"--nodes": {"type": int, "default": 1}, "--feedback": {"action": "store_true"},
+              "--piece-elements": {"type": int, "default": 0}})
 if ARGS.nodes:
     os.environ["FMCOMM_NODE_ID"] = f"node{RANK * ARGS.nodes // WORLD}"
 
 import fmcomm  # noqa: E402
+import fmcomm.compressed  # noqa: E402
 from fmcomm import compression  # noqa: E402
 from fmcomm.compression.base import round_up  # noqa: E402
 from fmcomm.compression.fp8 import FMAX  # noqa: E402
@@ -110,14 +112,18 @@ def residual_total(comm, state, key, level, n):
         o, c = chunk_bounds(n, comm.world)[comm.rank]
         total[o:o + c] += server
     else:
+        # @inter: per piece of the tensor, this rank's worker residual covers its node
+        # shard and its server residual the lane chunk it owns, piece after piece.
         node, lane = comm.levels()
-        shard = -(-n // node.world)
-        full = torch.zeros(shard * node.world, dtype=torch.float64)
-        base = node.rank * shard
-        full[base:base + shard] += worker
-        o, c = chunk_bounds(shard, lane.world)[lane.rank]
-        full[base + o:base + o + c] += server
-        total += full[:n]
+        w_at = s_at = 0
+        for o, c, shard in fmcomm.compressed._pieces(n, node.world):
+            full = torch.zeros(shard * node.world, dtype=torch.float64)
+            base = node.rank * shard
+            full[base:base + shard] += worker[w_at:w_at + shard]
+            co, cc = chunk_bounds(shard, lane.world)[lane.rank]
+            full[base + co:base + co + cc] += server[s_at:s_at + cc]
+            w_at, s_at = w_at + shard, s_at + cc
+            total[o:o + c] += full[:c]
     comm.all_reduce(total)
     return total
 
@@ -149,6 +155,10 @@ def feedback_case(comm, family, level, n=512):
 
 
 def main():
+    if ARGS.piece_elements:
+        # Pieces of a few values, so that small tensors take the pipelined @inter
+        # path with several pieces (and a padded last one).
+        fmcomm.compressed.PIECE_ELEMENTS = ARGS.piece_elements
     comm = fmcomm.init(transport=ARGS.transport)
     rank, world = comm.rank, comm.world
     assert rank == RANK and world == WORLD
@@ -231,7 +241,9 @@ def main():
     n = 1 << 16
     before = comm.executor.stats.inter_node_bytes
     comm.all_reduce(make_input(rank, n, "traffic"), compress="fp8@inter")
-    report["traffic"] = {"inter_node_bytes": comm.executor.stats.inter_node_bytes - before, "count": n}
+    report["traffic"] = {"inter_node_bytes": comm.executor.stats.inter_node_bytes - before, "count": n,
+                         "pieces": len(fmcomm.compressed._pieces(n, comm.levels()[0].world))
+                         if comm.levels() is not None else 1}
     report_and_exit(ARGS, rank, report)
 
 
