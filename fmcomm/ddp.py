@@ -56,7 +56,8 @@ class HookState:
       uncompressed first: DDP rebuilds its buckets after the first step, and error
       feedback should start from settled buckets);
     * carried over steps: ``step`` (counted once per backward, at its last bucket),
-      ``error_feedback`` (the residuals, one key per bucket index).
+      ``error_feedback`` (the residuals, one key per bucket's set of parameters),
+      and per key the order of parameters its residuals follow.
     """
 
     def __init__(self, process_group=None, compress: str = "none", start_iter: int = 10, *,
@@ -81,6 +82,7 @@ class HookState:
         self._params: "set[int] | None" = None  # ids of the model's parameters, learned in the first backward
         self._seen: set[int] = set()
         self._param_index: "dict[int, int] | None" = None  # id(parameter) -> its position in the model
+        self._layouts: dict[str, list[int]] = {}  # error-feedback key -> parameter positions in coding order
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------- pickling
@@ -99,7 +101,8 @@ class HookState:
     # ----------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "compress": self.compress, "start_iter": self.start_iter,
-                "error_feedback": self.error_feedback.state_dict()}
+                "error_feedback": self.error_feedback.state_dict(),
+                "layouts": {k: list(v) for k, v in self._layouts.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for name in ("step", "error_feedback"):
@@ -108,8 +111,15 @@ class HookState:
         if state.get("compress", self.compress) != self.compress:
             raise InvalidArgument(f"HookState.load_state_dict: checkpoint was made with compress="
                                   f"{state['compress']!r}, this state has {self.compress!r}")
+        layouts = state.get("layouts", {})
+        if not isinstance(layouts, dict) or not all(
+                isinstance(k, str) and isinstance(v, (list, tuple)) and all(isinstance(i, int) for i in v)
+                for k, v in layouts.items()):
+            raise InvalidArgument("HookState.load_state_dict: 'layouts' must map str keys to lists of "
+                                  "parameter positions")
         self.step = int(state["step"])
         self.error_feedback.load_state_dict(state["error_feedback"])
+        self._layouts = {k: list(v) for k, v in layouts.items()}
 
     # -------------------------------------------------------------- helpers
     def communicator(self) -> Communicator:
@@ -157,28 +167,32 @@ def _future_of(work, result: torch.Tensor) -> "torch.futures.Future[torch.Tensor
     return fut
 
 
-def _canonical_layout(state: "HookState", bucket):
-    """(key, index of each canonical piece's slice in the bucket) or None.
+def _coding_layout(state: "HookState", bucket):
+    """(key, the bucket's slices in the order this state codes them) or (key, None).
 
     DDP lays a bucket out in the order gradients became ready in the first step
     and rebuilds it after that step, so a resumed run's first buckets are laid out
-    differently from the uninterrupted run's at the same step. Coding the bucket in
-    the model's own parameter order (known where ``register`` saw the model) keeps
-    the error-feedback residuals attached to the same values either way.
+    differently from the uninterrupted run's at the same step. The error-feedback
+    residuals belong to one order of the values: the state records, per set of
+    parameters, the order it first coded them in (the rebuilt buckets' in a run
+    that starts compressing after the first step) and codes them in that order
+    ever after. Only a bucket in another order (a resumed run's first step) is
+    copied into it and back; every other bucket is coded where it lies.
     """
-    params = bucket.parameters()
     if state._param_index is None:
         return f"bucket{bucket.index()}", None
-    slices, off = [], 0
-    for p in params:
-        slices.append((state._param_index.get(id(p), -1), off, p.numel()))
+    entries, off = [], 0
+    for p in bucket.parameters():
+        entries.append((state._param_index.get(id(p), -1), off, p.numel()))
         off += p.numel()
-    slices.sort()
-    members = [(i, n) for i, _, n in slices]  # which parameters, not where this layout put them
+    members = sorted((i, n) for i, _, n in entries)  # which parameters, not where this layout put them
     key = f"params{members[0][0]}-{members[-1][0]}-{zlib.crc32(repr(members).encode()):08x}"
-    if [o for _, o, _ in slices] == sorted(o for _, o, _ in slices):
-        return key, None  # already in model order
-    return key, slices
+    order = [i for i, _, _ in entries]
+    coded = state._layouts.setdefault(key, order)
+    if coded == order:
+        return key, None
+    position = {i: r for r, i in enumerate(coded)}
+    return key, sorted(entries, key=lambda e: position[e[0]])
 
 
 def hook(state: "HookState", bucket) -> torch.futures.Future[torch.Tensor]:
@@ -190,8 +204,10 @@ def hook(state: "HookState", bucket) -> torch.futures.Future[torch.Tensor]:
         state._check_model(bucket)
         comm = state.communicator()
         if state.step >= state.start_iter and state.spec().enabled:
-            key, slices = _canonical_layout(state, bucket)
             spec = state.spec()
+            key, slices = _coding_layout(state, bucket)
+            if spec.compressor.elementwise:
+                slices = None  # codes every value alike wherever it lies: no reorder needed
             if spec.level == "inter":
                 comm.levels()  # made here, on every rank in bucket order: the worker cannot make groups
             if slices is None:
@@ -200,7 +216,7 @@ def hook(state: "HookState", bucket) -> torch.futures.Future[torch.Tensor]:
             else:
                 # Reordered on the worker: the hook runs on the autograd thread, and
                 # every millisecond spent here holds up the backward pass.
-                work = comm.run_async(lambda: _reduce_in_model_order(comm, grads, slices, spec, state, key))
+                work = comm.run_async(lambda: _reduce_in_layout(comm, grads, slices, spec, state, key))
         else:
             work = comm.all_reduce(grads, op="avg", async_op=True)
         if bucket.is_last():
@@ -208,7 +224,7 @@ def hook(state: "HookState", bucket) -> torch.futures.Future[torch.Tensor]:
     return _future_of(work, grads)
 
 
-def _reduce_in_model_order(comm, grads: torch.Tensor, slices, spec, state: "HookState", key) -> None:
+def _reduce_in_layout(comm, grads: torch.Tensor, slices, spec, state: "HookState", key) -> None:
     values = torch.cat([grads[o:o + n] for _, o, n in slices])
     comm.all_reduce(values, op="avg", compress=spec, state=state.error_feedback, key=key)
     at = 0

@@ -68,6 +68,10 @@ class Compressor(abc.ABC):
     name: str = ""
     error_feedback: bool = False  # keeps a worker and a server residual between calls
     needs_bound: bool = False     # begin() needs max |x| over every rank's input
+    # Each value's code depends on that value and on numbers every rank agreed on
+    # only, so the result is the same in any order of the values (callers that
+    # reorder values for a stable layout need not).
+    elementwise: bool = False
 
     @abc.abstractmethod
     def payload_bytes(self, n: int) -> int:

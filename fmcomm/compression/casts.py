@@ -39,6 +39,8 @@ class _CastCodec(Codec):
 
 
 class CastCompressor(Compressor):
+    elementwise = True
+
     def __init__(self, kind: str):
         self.name, self.dtype = kind, _TYPES[kind]
 

@@ -100,6 +100,7 @@ class FP8Compressor(Compressor):
         self.fmt, self.block = fmt, block
         self.name = f"fp8:{fmt}" + (f",block={block}" if block else "")
         self.needs_bound = block == 0
+        self.elementwise = block == 0  # one shared scale; per-block scales depend on the neighbours
 
     def payload_bytes(self, n: int) -> int:
         if self.block:
