@@ -358,16 +358,18 @@ class Run:
             finally:
                 del model.register_comm_hook
 
-    # fmcomm: buckets sent uncompressed below FMCOMM_AUTO_RING_MIN_BYTES go to the engine's
+    # fmcomm: buckets sent uncompressed (before start_iter, or below the hook's
+    # compress_min_bytes) and below FMCOMM_AUTO_RING_MIN_BYTES go to the engine's
     # all-reduce, which the executor does not count: add them by formula.
     def _fm_before(self, state, bucket):
         return state.step  # the hook advances it at the last bucket
 
     def _fm_after(self, state, bucket, step_before):
-        uncompressed = step_before < state.start_iter or not state.spec().enabled
+        nbytes = bucket.buffer().numel() * bucket.buffer().element_size()
+        uncompressed = (step_before < state.start_iter or not state.spec().enabled
+                        or nbytes < state.compress_min_bytes)
         if not uncompressed:
             return
-        nbytes = bucket.buffer().numel() * bucket.buffer().element_size()
         if nbytes and nbytes < state.communicator().config.auto_ring_min_bytes:
             self.rec.add_ring(nbytes, self._ring_inter)
 
@@ -380,8 +382,9 @@ class Run:
     def close(self) -> None:
         if self.state is not None:
             self.resolved = self.state.spec().text if self.state.compress == "auto" else self.name
-            if self.state._comm is not None:
-                self.state._comm.close()
+            for comm in (self.state._small, self.state._comm):  # the second communicator first
+                if comm is not None:
+                    comm.close()
 
 
 def reset_seeds(seed: int) -> None:
