@@ -162,6 +162,7 @@ class HookState:
         if self._small is None:
             comm = self.communicator()
             self._small = comm.new_group(range(comm.world))
+            self._small.executor.stats = comm.executor.stats  # one count of the hook's bytes
         return self._small
 
     def spec(self):
