@@ -132,7 +132,7 @@ OPTIONS: tuple[Option, ...] = (
            "error-feedback residuals start afresh; `raise`: every rank raises `NonFiniteError` instead "
            "(at the cost of an agreement round before every compressed call)."),
     Option("shm", "auto", _choice("auto", "off"),
-           "Intra-node steps (reduce-scatter, all-gather) of `@inter` compressed all-reduces. `auto`: "
+           "Intra-node steps (reduce-scatter, all-gather of compressed sums) of `@inter` compressed all-reduces. `auto`: "
            "the ranks of a node move them through a /dev/shm segment when every rank of the node can "
            "map it, else through the transport; `off`: always through the transport."),
 )
