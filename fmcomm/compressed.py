@@ -313,7 +313,7 @@ def _two_level(comm, x, result, compressor, state, key, bound, node, lane) -> No
     shared = _node_shared_memory(comm, node, pieces[0][2], x.device)
     intra = shared if shared is not None else node
     worker_at = server_at = 0
-    started = []  # per piece: (its lane job, node sum, record, target, padded)
+    started = []  # per piece: ((lane job, its result box), node sum, record, target, padded, offset, count)
     for q, (o, c, shard) in enumerate(pieces):
         with _Phase("intra_reduce_scatter"):
             if local * shard == c:
