@@ -346,8 +346,7 @@ def _lane_piece(lane, node_sum, compressor, slot, lane_bound, record, box: list)
         if sums is None:
             # This lane's shard met NaN/inf (every rank of the lane knows): it runs
             # uncompressed; other lanes keep their compressed shards.
-            if slot is not None:
-                _forget(slot)
+            _forget(slot)
             lane.all_reduce(node_sum)
         box.append(sums)
 

@@ -97,7 +97,7 @@ class HookState:
         self._seen: set[int] = set()
         self._param_index: "dict[int, int] | None" = None  # id(parameter) -> its position in the model
         self._layouts: dict[str, list[int]] = {}  # error-feedback key -> parameter positions in coding order
-        self._agreed: set = set()  # (bucket key, spec) pairs every rank confirmed (see _agree)
+        self._agreed: set = set()  # (key, spec, count, dtype, on the second communicator) every rank confirmed
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------- pickling
@@ -237,28 +237,24 @@ def hook(state: "HookState", bucket) -> torch.futures.Future[torch.Tensor]:
         state._check_model(bucket)
         comm = state.communicator()
         compressing = state.step >= state.start_iter and state.spec().enabled
-        small = compressing and grads.numel() * grads.element_size() < state.compress_min_bytes
+        spec = key = slices = None  # spec None: averaged uncompressed
         if compressing:
             # Small buckets are coded in the recorded layout too: an uncompressed sum's
             # rounding depends on where a value sits (the ring starts each chunk at
             # another rank), and a resumed run must add alike.
             key, slices = _coding_layout(state, bucket)
-            spec = None if small else state.spec()
-            if spec is not None and spec.compressor.elementwise:
-                slices = None  # codes every value alike wherever it lies: no reorder needed
-            if spec is not None and spec.level == "inter":
-                comm.levels()  # made here, on every rank in bucket order: the worker cannot make groups
-            if small:
-                comm, compressing = state.small_communicator(), False
-        else:
-            spec, key, slices = None, f"bucket{bucket.index()}", None
-        agree = (key, spec.text if spec is not None else "none", grads.numel(), str(grads.dtype), comm is state._small)
-        if agree in state._agreed and slices is None:
-            if compressing:
-                work = comm.all_reduce(grads, op="avg", compress=spec, state=state.error_feedback, key=key,
-                                       async_op=True)
+            if grads.numel() * grads.element_size() < state.compress_min_bytes:
+                comm = state.small_communicator()
             else:
-                work = comm.all_reduce(grads, op="avg", async_op=True)
+                spec = state.spec()
+                if spec.compressor.elementwise:
+                    slices = None  # codes every value alike wherever it lies: no reorder needed
+                if spec.level == "inter":
+                    comm.levels()  # made here, on every rank in bucket order: the worker cannot make groups
+        agree = (key or f"bucket{bucket.index()}", spec.text if spec is not None else "none", grads.numel(),
+                 str(grads.dtype), comm is state._small)
+        if agree in state._agreed and slices is None:
+            work = _average(comm, grads, spec, state, key, async_op=True)
         else:
             # First sight of this bucket and setting (or a bucket to reorder): on the
             # worker, as every bucket's work: the hook runs on the autograd thread, and
@@ -277,20 +273,19 @@ def _reduce(comm, grads: torch.Tensor, slices, spec, state: "HookState", key, ag
     if agree is not None:
         _agree(comm, agree)
     if slices is None:
-        if spec is None:
-            comm.all_reduce(grads, op="avg")
-        else:
-            comm.all_reduce(grads, op="avg", compress=spec, state=state.error_feedback, key=key)
+        _average(comm, grads, spec, state, key)
         return
     values = torch.cat([grads[o:o + n] for _, o, n in slices])
-    if spec is None:
-        comm.all_reduce(values, op="avg")
-    else:
-        comm.all_reduce(values, op="avg", compress=spec, state=state.error_feedback, key=key)
+    _average(comm, values, spec, state, key)
     at = 0
     for _, o, n in slices:
         grads[o:o + n].copy_(values[at:at + n])
         at += n
+
+
+def _average(comm, t: torch.Tensor, spec, state: "HookState", key, async_op: bool = False):
+    """The average of ``t`` over the ranks, compressed by ``spec`` (None: uncompressed)."""
+    return comm.all_reduce(t, op="avg", compress=spec, state=state.error_feedback, key=key, async_op=async_op)
 
 
 def _agree(comm, agree: tuple) -> None:
