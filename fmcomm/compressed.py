@@ -3,10 +3,12 @@
 Over the p ranks of one group, with the tensor cut into p chunks (``chunk_bounds``)
 and rank j owning chunk j:
 
-1. every rank encodes each chunk (its contribution) and sends chunk j's payload to
-   rank j, in one all-to-all of bytes whose sizes every rank computes alone;
-2. each owner decodes the p payloads of its chunk and adds them in float32, in rank
-   order, then encodes that sum;
+1. every rank encodes each chunk but its own (its contribution) and sends chunk j's
+   payload to rank j, in one all-to-all of bytes whose sizes every rank computes
+   alone;
+2. each owner decodes the p - 1 payloads of its chunk and adds them and its own
+   values, uncoded (they never cross a link, so coding them would only lose
+   precision), in float32, in rank order, then encodes that sum;
 3. one all-gather hands every owner's payload to every rank, and every rank decodes
    all of them into its output.
 
@@ -171,6 +173,8 @@ def _flat_sums(comm, x: torch.Tensor, compressor: Compressor, slot, bound: float
     with _Phase("encode"):
         for j, (o, c) in enumerate(chunks):
             send[start[j]:start[j] + _HEADER].view(torch.int32).copy_(_flag_words(nonfinite, x.device))
+            if j == me:
+                continue  # this rank's own chunk stays here, uncoded (add_own below)
             codec.encode_contribution(x[o:o + c], send[start[j] + _HEADER:start[j] + _HEADER + size[j]],
                                       slot.worker[o:o + c] if slot is not None else None)
     mine_bytes = slot_bytes[me]
@@ -187,7 +191,11 @@ def _flat_sums(comm, x: torch.Tensor, compressor: Compressor, slot, bound: float
         seen = bool(recv.view(p, mine_bytes)[:, :4].contiguous().view(torch.int32).any())
         mine[:_HEADER].view(torch.int32).copy_(_flag_words(seen, x.device))
         acc = torch.zeros(my_count, dtype=torch.float32, device=x.device)
+        o, c = chunks[me]
         for src in range(p):
+            if src == me:
+                codec.add_own(x[o:o + c], acc, slot.worker[o:o + c] if slot is not None else None)
+                continue
             base = src * mine_bytes + _HEADER
             codec.add_contribution(recv[base: base + size[me]], acc)
         codec.encode_sum(acc, mine[_HEADER:_HEADER + size[me]], slot.server if slot is not None else None)

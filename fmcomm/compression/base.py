@@ -4,7 +4,8 @@ A compressed all-reduce has two coding stages, and a compressor codes each one:
 
 * **contribution**: each rank encodes its own values (after adding its worker
   residual, for families with error feedback); the chunk's owner decodes every
-  rank's payload and accumulates them in float32, in rank order;
+  other rank's payload and accumulates them, with its own values uncoded
+  (:meth:`Codec.add_own`), in float32, in rank order;
 * **sum**: the owner encodes the accumulated chunk (after adding its server
   residual), and every rank decodes that one payload into its output.
 
@@ -38,6 +39,19 @@ class Codec(abc.ABC):
     @abc.abstractmethod
     def decode_sum(self, payload: torch.Tensor, out: torch.Tensor) -> None:
         """out = decoded sum ``payload`` (every rank decodes the same bytes the same way)."""
+
+    def add_own(self, c: torch.Tensor, acc: torch.Tensor, residual: torch.Tensor | None) -> None:
+        """acc += the owner's own values ``c``, uncoded, in the scale of decoded contributions.
+
+        The owner's share of its own chunk never crosses a link, so coding it would
+        lose precision and save nothing. A worker ``residual`` still held there (a
+        checkpoint from before owners kept their values uncoded) is added once and
+        cleared.
+        """
+        acc.add_(c)
+        if residual is not None:
+            acc.add_(residual)
+            residual.zero_()
 
 
 class SymmetricCodec(Codec):

@@ -29,6 +29,9 @@ class _CastCodec(Codec):
     def add_contribution(self, payload, acc):
         acc.add_(payload.view(self.dtype))
 
+    def add_own(self, c, acc, residual):
+        acc.add_(c / self.world if self.world > 1 else c)
+
     def encode_sum(self, acc, payload, residual):
         self._cast(acc, payload)
 

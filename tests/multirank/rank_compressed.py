@@ -92,6 +92,9 @@ def protocol_reference(compressor, inputs, world):
     for j, (o, c) in enumerate(chunks):
         acc = torch.zeros(c, dtype=torch.float32)
         for r in range(world):
+            if r == j:  # the chunk's owner adds its own values uncoded
+                codec.add_own(inputs[r][o:o + c].clone(), acc, torch.zeros(c) if compressor.error_feedback else None)
+                continue
             payload = torch.empty(round_up(compressor.payload_bytes(c)), dtype=torch.uint8)[:compressor.payload_bytes(c)]
             codec.encode_contribution(inputs[r][o:o + c].clone(), payload,
                                       torch.zeros(c) if compressor.error_feedback else None)

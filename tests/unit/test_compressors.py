@@ -137,6 +137,31 @@ def test_payload_sizes_are_what_the_codec_writes(spec, n):
     assert torch.equal(big[c.payload_bytes(n):], torch.full((16,), 0xAB, dtype=torch.uint8))  # nothing beyond
 
 
+@pytest.mark.parametrize("spec, u", [("fp16", 2.0 ** -11), ("bf16", 2.0 ** -8), ("fp8", 2.0 ** -4),
+                                     ("fp8:block=8", 2.0 ** -4), ("onebit", None), ("topk:0.25", None)])
+def test_owner_adds_its_own_values_uncoded_in_the_contributions_scale(spec, u):
+    """The owner's own share goes into the sum as a decoded contribution would, less the rounding."""
+    c = parse(spec).compressor
+    world, x = 3, torch.randn(1000)
+    codec = c.begin(world, float(x.abs().max()))
+    own = torch.zeros(1000)
+    residual = torch.randn(1000) if c.error_feedback else None
+    held = residual.clone() if residual is not None else None
+    codec.add_own(x, own, residual)
+    if u is None:
+        # Error-feedback families add values as they are, and a residual still held once.
+        assert torch.equal(own, x + held) and not residual.any()
+        return
+    coded = torch.zeros(1000)
+    p = payload(c, 1000)
+    codec.encode_contribution(x.clone(), p, None)
+    codec.add_contribution(p, coded)
+    # Coding rounds each value once (relative u); fp8's subnormals below 2^-6 of its
+    # scale round to 2^-10 of it absolutely. Casts divide by the world first, so a
+    # wrong scale would be off by 3x, far beyond this.
+    assert ((coded - own).abs() <= u * own.abs() + 2.0 ** -10 * float(x.abs().max()) / 448 * 2).all()
+
+
 # ----------------------------------------------------------- error feedback
 
 def test_error_feedback_slots_save_restore_reset():
