@@ -30,7 +30,7 @@ def main():
     start = time.monotonic()
     try:
         if args.scenario == "silent" and rank == 1:
-            time.sleep(timeout * 2 + 2)  # long enough for every peer to give up
+            time.sleep(timeout + 2)  # every peer gives up first: they left fmcomm.init with this rank
         elif args.scenario == "root":
             fmcomm.broadcast(t, src=1 if rank == 1 else 0, algo=args.algo)
         elif args.scenario == "splits":

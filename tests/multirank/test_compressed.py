@@ -3,7 +3,7 @@
 Every family (fp16, bf16, fp8 e4m3/e5m2/per-block, onebit, top-k) flat and @inter
 (two emulated nodes through FMCOMM_NODE_ID where the world splits evenly), sizes
 0/1/7/10,007; the checks and their tolerances are in rank_compressed.py. Here: every
-case passed on rank 0 and every rank ended with identical bytes. The 200-step
+case passed on rank 0 and every rank ended with identical bytes. The 100-step
 error-feedback runs (onebit, top-k, flat and @inter) take most of the time, so they
 run at world 3 over MPI (not a power of two, one node) and world 4 over torch (two
 nodes) only.
@@ -14,7 +14,7 @@ from conftest import run_ranks
 
 WORLDS = (1, 2, 3, 4, 5, 8)
 INFO = {"levels", "node_of", "traffic"}
-# The 200-step error-feedback runs take most of the time: one world that is not a
+# The 100-step error-feedback runs take most of the time: one world that is not a
 # power of two on one node (3, MPI) and one of two nodes (4, torch) cover both levels
 # and both transports.
 FEEDBACK_RUNS = ((3, "mpi"), (4, "torch"))
