@@ -10,7 +10,12 @@ Every rank runs this script. It starts torch.distributed (gloo) the way a user s
 would: ``env://`` where MASTER_ADDR and RANK are set (torchrun, emulate.py); under
 mpiexec without them, through ``fmcomm.transport.torch_dist.init_default_group`` with
 MPI as the rendezvous. Then it trains the same model from the same initial weights for
-the same number of steps once per config, one config after the other:
+the same number of steps once per config. By default (``--schedule interleaved``) every
+config holds its own model and they take turns: step s of every config, then step s+1
+of every config, so that a shared machine whose speed drifts over minutes (measured
+here: compute alone took 97 ms per step in one run and 149 ms an hour later) slows
+every config alike and the ratios between them stay fair; ``--schedule sequential``
+trains one config after the other. The configs:
 
 * ``torch-default``: DDP with no hook (PyTorch's built-in all-reduce);
 * ``torch-fp16``: ``default_hooks.fp16_compress_hook``;
@@ -66,7 +71,8 @@ Measurements (per step; medians and means over the steps from max(--warmup,
   future (each hook is wrapped to record both); ``-`` for torch-default, which has no
   hook;
 * compute-only ms: the same steps (same batches, forward+backward+clip+update) on the
-  plain module, no DDP, on all ranks at once, measured before the configs;
+  plain module, no DDP, on all ranks at once: its first --compute-steps steps, taking
+  its turn with the configs (interleaved) or before them (sequential);
   exposed = step ms - compute-only ms, overlap = 1 - exposed / comm;
 * bytes/step sent per rank: fmcomm's counted ``executor.stats.wire_bytes`` (and
   ``inter_node_bytes``) deltas, plus, by formula, the buckets fmcomm hands to the
@@ -77,6 +83,9 @@ Measurements (per step; medians and means over the steps from max(--warmup,
   it leaves uncompressed (1-D ones, and any where (n + m) r * 2 >= n m). Inter-node
   bytes for PyTorch's configs: all of a rank's ring bytes if its ring successor is on
   another host, else 0 (also a formula);
+* wall-clock s (the plot's x axis): the seconds this config has spent in its own
+  steps so far (batch, then the step), the MAX over ranks; under either schedule it is
+  the time that config alone would have taken;
 * training loss every step (each rank's local loss, averaged over ranks) and the
   validation loss at the end (the same held-out windows on every rank; the spread
   over ranks shows whether replicas stayed identical).
@@ -167,6 +176,9 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=200, help="training steps per config (200)")
+    ap.add_argument("--schedule", choices=("interleaved", "sequential"), default="interleaved",
+                    help="interleaved (default): every config's step s, then every config's step s+1; "
+                         "sequential: one config's steps after the other's")
     ap.add_argument("--configs", default="all", help="comma list (default all: " + ",".join(ALL_CONFIGS) + ")")
     ap.add_argument("--json", help="write every point and the summary here (rank 0)")
     ap.add_argument("--plot", help="write loss against wall-clock time to this PNG (needs matplotlib)")
@@ -317,6 +329,11 @@ class Run:
         self.bytes_source = "formula"
         self.nparams_bytes = sum(p.numel() * p.element_size() for p in net.parameters() if p.requires_grad)
         self.resolved = name
+        # Per step: loss, step and comm seconds, bytes sent and inter-node; this config's
+        # own seconds so far (its wall clock, under either schedule); compressed phases.
+        self.losses, self.step_s, self.comm_s, self.sent, self.inter, self.wall = [], [], [], [], [], []
+        self.busy_s = 0.0
+        self.phases: dict = {}
         rec = self.rec
         if name == "torch-default":
             self.hooked = False
@@ -438,79 +455,85 @@ def window_start(args, steps: int, compressing: bool = True) -> int:
     return min(args.warmup, steps - 1) if steps - args.warmup >= 1 else 0
 
 
-def run_compute_only(args, batches, world: int) -> dict:
-    reset_seeds(args.seed)
-    net = build_model(args)
-    opt = make_optimizer(net, args)
-    n = args.compute_steps
-    dist.barrier()
-    times = []
-    for step in range(n):
+class ComputeOnly:
+    """The plain module, no DDP: the same batches, forward+backward+clip+update."""
+
+    def __init__(self, args):
+        reset_seeds(args.seed)
+        self.net = build_model(args)
+        self.optimizer = make_optimizer(self.net, args)
+        self.times: list[float] = []
+
+    def step(self, step: int, batches, args) -> None:
         x, y = batches.train_batch(step)
         t0 = time.perf_counter()
-        train_step(net, net, opt, x, y, args.clip)
-        times.append(time.perf_counter() - t0)
-    dist.barrier()
-    times = reduce_series(times, dist.ReduceOp.MAX)
-    w = window_start(args, n, compressing=False)
-    ms = [t * 1e3 for t in times[w:]]
-    del net, opt
-    gc.collect()
-    return {"steps": n, "window_from": w, "step_ms_median": statistics.median(ms),
-            "step_ms_mean": statistics.fmean(ms), "step_ms": [t * 1e3 for t in times]}
+        train_step(self.net, self.net, self.optimizer, x, y, args.clip)
+        self.times.append(time.perf_counter() - t0)
+
+    def finish(self, args) -> dict:
+        times = reduce_series(self.times, dist.ReduceOp.MAX)
+        n = len(times)
+        w = window_start(args, n, compressing=False)
+        ms = [t * 1e3 for t in times[w:]]
+        del self.net, self.optimizer
+        gc.collect()
+        return {"steps": n, "window_from": w, "step_ms_median": statistics.median(ms),
+                "step_ms_mean": statistics.fmean(ms), "step_ms": [t * 1e3 for t in times]}
 
 
-def run_config(name: str, args, batches, world: int, ring_inter: bool) -> tuple[list[dict], dict]:
-    dist.barrier()
-    run = Run(name, args, world, ring_inter)
+def run_step(run: Run, step: int, w: int, batches, args, world: int, ring_inter: bool) -> None:
+    """One training step of ``run``, its times, loss and bytes appended to its series."""
     net = run.model.module
-    losses, step_s, comm_s, sent, inter, wall = [], [], [], [], [], []
-    w = window_start(args, args.steps)
-    dist.barrier()
-    t_start = time.perf_counter()
-    for step in range(args.steps):
-        if step == w and run.state is not None:
-            compressed.phase_seconds = {}  # the compressed all-reduce's phases, over the timed window
-        x, y = batches.train_batch(step)
-        run.rec.reset()
-        w0, i0 = run.counted()
-        t0 = time.perf_counter()
-        loss = train_step(run.model, net, run.optimizer, x, y, args.clip)
-        t1 = time.perf_counter()
-        w1, i1 = run.counted()
-        step_s.append(t1 - t0)
-        wall.append(t1 - t_start)
-        losses.append(float(loss))
-        if run.hooked and run.rec.first is not None and run.rec.last is not None:
-            comm_s.append(run.rec.last - run.rec.first)
-        else:
-            comm_s.append(-1.0)
-        if name == "torch-default":
-            b = ring_bytes(run.nparams_bytes, world)
-            sent.append(b)
-            inter.append(b if ring_inter else 0.0)
-        else:
-            sent.append((w1 - w0) + run.rec.formula_bytes)
-            inter.append((i1 - i0) + run.rec.formula_inter)
-    phases, compressed.phase_seconds = compressed.phase_seconds or {}, None
+    # The compressed all-reduce's phases, over the timed window, into this run's own
+    # dict: every bucket has finished when the step returns (DDP waits for them).
+    compressed.phase_seconds = run.phases if (step >= w and run.state is not None) else None
+    t_fetch = time.perf_counter()
+    x, y = batches.train_batch(step)
+    run.rec.reset()
+    w0, i0 = run.counted()
+    t0 = time.perf_counter()
+    loss = train_step(run.model, net, run.optimizer, x, y, args.clip)
+    t1 = time.perf_counter()
+    compressed.phase_seconds = None
+    w1, i1 = run.counted()
+    run.step_s.append(t1 - t0)
+    run.busy_s += t1 - t_fetch
+    run.wall.append(run.busy_s)
+    run.losses.append(float(loss))
+    if run.hooked and run.rec.first is not None and run.rec.last is not None:
+        run.comm_s.append(run.rec.last - run.rec.first)
+    else:
+        run.comm_s.append(-1.0)
+    if run.name == "torch-default":
+        b = ring_bytes(run.nparams_bytes, world)
+        run.sent.append(b)
+        run.inter.append(b if ring_inter else 0.0)
+    else:
+        run.sent.append((w1 - w0) + run.rec.formula_bytes)
+        run.inter.append((i1 - i0) + run.rec.formula_inter)
+
+
+def finish_run(run: Run, w: int, args, batches, world: int) -> tuple[list[dict], dict]:
+    """Validation loss, then every rank's series reduced into points and a summary row."""
+    name, net = run.name, run.model.module
     val = evaluate(net, batches)
     run.close()
     dist.barrier()
 
-    loss_avg = [v / world for v in reduce_series(losses, dist.ReduceOp.SUM)]
-    step_max = reduce_series(step_s, dist.ReduceOp.MAX)
-    comm_max = reduce_series(comm_s, dist.ReduceOp.MAX)
-    sent_avg = [v / world for v in reduce_series(sent, dist.ReduceOp.SUM)]
-    inter_avg = [v / world for v in reduce_series(inter, dist.ReduceOp.SUM)]
-    wall_max = reduce_series(wall, dist.ReduceOp.MAX)
+    loss_avg = [v / world for v in reduce_series(run.losses, dist.ReduceOp.SUM)]
+    step_max = reduce_series(run.step_s, dist.ReduceOp.MAX)
+    comm_max = reduce_series(run.comm_s, dist.ReduceOp.MAX)
+    sent_avg = [v / world for v in reduce_series(run.sent, dist.ReduceOp.SUM)]
+    inter_avg = [v / world for v in reduce_series(run.inter, dist.ReduceOp.SUM)]
+    wall_max = reduce_series(run.wall, dist.ReduceOp.MAX)
     vmax = reduce_series([val], dist.ReduceOp.MAX)[0]
     vmin = reduce_series([val], dist.ReduceOp.MIN)[0]
 
     points = [{"config": name, "step": s, "wall_clock_s": wall_max[s], "loss": loss_avg[s],
                "step_ms": step_max[s] * 1e3, "comm_ms": comm_max[s] * 1e3 if comm_max[s] >= 0 else None,
                "bytes": sent_avg[s], "inter_node_bytes": inter_avg[s]} for s in range(args.steps)]
-    names = sorted(set().union(*all_gather_obj(sorted(phases))))
-    slowest = reduce_series([phases.get(k, 0.0) for k in names], dist.ReduceOp.MAX)
+    names = sorted(set().union(*all_gather_obj(sorted(run.phases))))
+    slowest = reduce_series([run.phases.get(k, 0.0) for k in names], dist.ReduceOp.MAX)
     phase_ms = {k: v * 1e3 / (args.steps - w) for k, v in zip(names, slowest)}
     ms = [step_max[s] * 1e3 for s in range(w, args.steps)]
     cm = [comm_max[s] * 1e3 for s in range(w, args.steps) if comm_max[s] >= 0]
@@ -524,9 +547,66 @@ def run_config(name: str, args, batches, world: int, ring_inter: bool) -> tuple[
         "bytes_source": run.bytes_source, "total_s": wall_max[-1],
         "phase_ms_per_step": phase_ms,
     }
-    del run, net
+    del run.model, run.optimizer, net
     gc.collect()
     return points, summary
+
+
+def report_row(row: dict) -> None:
+    print(f"  {row['config']}: {row['step_ms_median']:.1f} ms/step, train loss {row['train_loss']:.3f}, "
+          f"val {row['val_loss']:.3f}, {row['total_s']:.1f} s", flush=True)
+
+
+def report_compute(compute: dict) -> None:
+    print(f"  compute only: {compute['step_ms_median']:.1f} ms/step (median of slowest rank)", flush=True)
+
+
+def train_configs(args, batches, world: int, ring_inter: bool, rank: int) -> tuple[dict | None, list, list]:
+    """(compute-only, points, rows) of every config, in the order of ``--schedule``."""
+    w = window_start(args, args.steps)
+    points, rows, compute = [], [], None
+
+    def finish(run):
+        pts, row = finish_run(run, w, args, batches, world)
+        points.extend(pts)
+        rows.append(row)
+        if rank == 0:
+            report_row(row)
+
+    if args.schedule == "sequential":
+        if args.compute_steps > 0:
+            only = ComputeOnly(args)
+            dist.barrier()
+            for step in range(args.compute_steps):
+                only.step(step, batches, args)
+            dist.barrier()
+            compute = only.finish(args)
+            if rank == 0:
+                report_compute(compute)
+        for name in args.config_list:
+            dist.barrier()
+            run = Run(name, args, world, ring_inter)
+            dist.barrier()
+            for step in range(args.steps):
+                run_step(run, step, w, batches, args, world, ring_inter)
+            finish(run)
+        return compute, points, rows
+    only = ComputeOnly(args) if args.compute_steps > 0 else None
+    runs = [Run(name, args, world, ring_inter) for name in args.config_list]
+    dist.barrier()
+    for step in range(args.steps):
+        if only is not None and step < args.compute_steps:
+            only.step(step, batches, args)
+        for run in runs:
+            run_step(run, step, w, batches, args, world, ring_inter)
+    dist.barrier()
+    if only is not None:
+        compute = only.finish(args)
+        if rank == 0:
+            report_compute(compute)
+    for run in runs:
+        finish(run)
+    return compute, points, rows
 
 
 # ------------------------------------------------------------------ output
@@ -614,7 +694,7 @@ def write_plot(path: str, points: list[dict], rows: list[dict]) -> None:
             ys.append(ema / (1.0 - 0.9 ** (i + 1)))
         line, = ax.plot(xs, ys, label=f"{r['config']} (val {r['val_loss']:.3f})", linewidth=1.4)
         ax.scatter([xs[-1]], [r["val_loss"]], color=line.get_color(), marker="o", s=18)
-    ax.set_xlabel("wall-clock time since the config started (s)")
+    ax.set_xlabel("wall-clock time in the config's own steps (s)")
     ax.set_ylabel("training loss (nats/byte, EMA 0.9); dot: validation loss")
     ax.set_title("fmcomm DDP hook vs PyTorch: loss against time")
     ax.grid(alpha=0.3)
@@ -665,21 +745,7 @@ def main(argv=None) -> int:
               f"{data_info['stdlib']} (crc {data_info['crc32']}); configs: {', '.join(args.config_list)}",
               flush=True)
 
-    compute = None
-    if args.compute_steps > 0:
-        compute = run_compute_only(args, batches, world)
-        if rank == 0:
-            print(f"  compute only: {compute['step_ms_median']:.1f} ms/step (median of slowest rank)", flush=True)
-
-    points, rows = [], []
-    for name in args.config_list:
-        pts, row = run_config(name, args, batches, world, ring_inter)
-        points += pts
-        rows.append(row)
-        if rank == 0:
-            print(f"  {name}: {row['step_ms_median']:.1f} ms/step, train loss {row['train_loss']:.3f}, "
-                  f"val {row['val_loss']:.3f}, {row['total_s']:.1f} s", flush=True)
-
+    compute, points, rows = train_configs(args, batches, world, ring_inter, rank)
     finish_summary(rows, compute)
     if rank == 0:
         print_table(rows, compute, meta)
