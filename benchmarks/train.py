@@ -11,11 +11,13 @@ would: ``env://`` where MASTER_ADDR and RANK are set (torchrun, emulate.py); und
 mpiexec without them, through ``fmcomm.transport.torch_dist.init_default_group`` with
 MPI as the rendezvous. Then it trains the same model from the same initial weights for
 the same number of steps once per config. By default (``--schedule interleaved``) every
-config holds its own model and they take turns: step s of every config, then step s+1
-of every config, so that a shared machine whose speed drifts over minutes (measured
-here: compute alone took 97 ms per step in one run and 149 ms an hour later) slows
-every config alike and the ratios between them stay fair; ``--schedule sequential``
-trains one config after the other. The configs:
+config holds its own model and they take turns, ``--block`` steps (10) each: steps
+0-9 of every config, then steps 10-19 of every config, and so on, so that a shared
+machine whose speed drifts over minutes (measured here: compute alone took 97 ms per
+step in one run and 149 ms an hour later) slows every config alike and the ratios
+between them stay fair. (Turns of one step each made every config slower, the
+compressed ones most: each step then starts on another model's cold memory.)
+``--schedule sequential`` trains one config after the other. The configs:
 
 * ``torch-default``: DDP with no hook (PyTorch's built-in all-reduce);
 * ``torch-fp16``: ``default_hooks.fp16_compress_hook``;
@@ -179,6 +181,8 @@ def parse_args(argv=None):
     ap.add_argument("--schedule", choices=("interleaved", "sequential"), default="interleaved",
                     help="interleaved (default): every config's step s, then every config's step s+1; "
                          "sequential: one config's steps after the other's")
+    ap.add_argument("--block", type=int, default=10,
+                    help="interleaved: steps a config runs before the next takes its turn (10)")
     ap.add_argument("--configs", default="all", help="comma list (default all: " + ",".join(ALL_CONFIGS) + ")")
     ap.add_argument("--json", help="write every point and the summary here (rank 0)")
     ap.add_argument("--plot", help="write loss against wall-clock time to this PNG (needs matplotlib)")
@@ -203,6 +207,8 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.steps < 1:
         ap.error("--steps must be >= 1")
+    if args.block < 1:
+        ap.error("--block must be >= 1")
     if args.start_iter < 1:
         ap.error("--start-iter must be >= 1 (DDP rebuilds its buckets after the first step)")
     if args.compute_steps is None:
@@ -594,11 +600,15 @@ def train_configs(args, batches, world: int, ring_inter: bool, rank: int) -> tup
     only = ComputeOnly(args) if args.compute_steps > 0 else None
     runs = [Run(name, args, world, ring_inter) for name in args.config_list]
     dist.barrier()
-    for step in range(args.steps):
-        if only is not None and step < args.compute_steps:
-            only.step(step, batches, args)
+    for first in range(0, args.steps, args.block):
+        steps = range(first, min(first + args.block, args.steps))
+        if only is not None:
+            for step in steps:
+                if step < args.compute_steps:
+                    only.step(step, batches, args)
         for run in runs:
-            run_step(run, step, w, batches, args, world, ring_inter)
+            for step in steps:
+                run_step(run, step, w, batches, args, world, ring_inter)
     dist.barrier()
     if only is not None:
         compute = only.finish(args)
