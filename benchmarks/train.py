@@ -20,6 +20,9 @@ compressed ones most: each step then starts on another model's cold memory.)
 ``--schedule sequential`` trains one config after the other. The configs:
 
 * ``torch-default``: DDP with no hook (PyTorch's built-in all-reduce);
+* ``torch-allreduce`` (not in the default list): ``default_hooks.allreduce_hook``,
+  PyTorch's own uncompressed all-reduce through the comm-hook path, which separates
+  what registering any Python hook costs from what fmcomm's ``none`` costs;
 * ``torch-fp16``: ``default_hooks.fp16_compress_hook``;
 * ``torch-powersgd-rR``: ``powerSGD_hook`` with ``matrix_approximation_rank=R``. On
   gloo it deadlocked here as registered plain (its callbacks block gloo's two worker
@@ -134,7 +137,7 @@ _MPI = None  # mpi4py's MPI module where this job came up through it
 
 def _check_config(name: str, start_iter: int) -> str | None:
     """None if ``name`` is a config, else why not."""
-    if name in ("torch-default", "torch-fp16"):
+    if name in ("torch-default", "torch-allreduce", "torch-fp16"):
         return None
     if name.startswith("torch-powersgd-r"):
         r = name[len("torch-powersgd-r"):]
@@ -144,7 +147,7 @@ def _check_config(name: str, start_iter: int) -> str | None:
             return "PowerSGD (with error feedback and warm start) needs --start-iter >= 2"
         return None
     if name.startswith("torch-"):
-        return f"unknown PyTorch config {name!r}; use torch-default, torch-fp16 or torch-powersgd-rR"
+        return f"unknown PyTorch config {name!r}; use torch-default, torch-allreduce, torch-fp16 or torch-powersgd-rR"
     try:
         fmcomm.ddp.HookState(None, compress=name, start_iter=start_iter)
     except fmcomm.FmcommError as e:
@@ -343,6 +346,10 @@ class Run:
         rec = self.rec
         if name == "torch-default":
             self.hooked = False
+        elif name == "torch-allreduce":
+            self.hooked = True
+            self.model.register_comm_hook(dist.group.WORLD, rec.wrap(
+                default_hooks.allreduce_hook, before=lambda st, b: rec.add_ring(b.buffer().numel() * 4, ring_inter)))
         elif name == "torch-fp16":
             self.hooked = True
             self.model.register_comm_hook(None, rec.wrap(
@@ -384,11 +391,16 @@ class Run:
     # fmcomm: buckets sent uncompressed (before start_iter, or below the hook's
     # compress_min_bytes) and below FMCOMM_AUTO_RING_MIN_BYTES go to the engine's
     # all-reduce, which the executor does not count: add them by formula.
+    # And those the hook hands to the process group itself (one node, uncompressed).
     def _fm_before(self, state, bucket):
-        return state.step  # the hook advances it at the last bucket
+        return state.step, state.group_buckets  # the hook advances the step at the last bucket
 
-    def _fm_after(self, state, bucket, step_before):
+    def _fm_after(self, state, bucket, before):
+        step_before, group_before = before
         nbytes = bucket.buffer().numel() * bucket.buffer().element_size()
+        if state.group_buckets != group_before:
+            self.rec.add_ring(nbytes, self._ring_inter)
+            return
         uncompressed = (step_before < state.start_iter or not state.spec().enabled
                         or nbytes < state.compress_min_bytes)
         if not uncompressed:
