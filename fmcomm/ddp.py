@@ -273,22 +273,21 @@ def hook(state: "HookState", bucket) -> torch.futures.Future[torch.Tensor]:
             # (as PyTorch's allreduce_hook), no hop through fmcomm's worker thread.
             grads.div_(comm.world)
             state.group_buckets += 1
-            fut = dist.all_reduce(grads, group=state.process_group, async_op=True).get_future()
-            if bucket.is_last():
-                state.step += 1
-            return fut.then(lambda f: f.value()[0])
-        if agree in state._agreed and slices is None:
-            work = _average(comm, grads, spec, state, key, async_op=True)
+            fut = dist.all_reduce(grads, group=state.process_group, async_op=True).get_future().then(
+                lambda f: f.value()[0])
+        elif agree in state._agreed and slices is None:
+            fut = _future_of(_average(comm, grads, spec, state, key, async_op=True), grads)
         else:
             # First sight of this bucket and setting (or a bucket to reorder): on the
             # worker, as every bucket's work: the hook runs on the autograd thread, and
             # every millisecond spent here holds up the backward pass.
             first = agree not in state._agreed
             state._agreed.add(agree)
-            work = comm.run_async(lambda: _reduce(comm, grads, slices, spec, state, key, agree if first else None))
+            fut = _future_of(comm.run_async(lambda: _reduce(comm, grads, slices, spec, state, key,
+                                                            agree if first else None)), grads)
         if bucket.is_last():
             state.step += 1
-    return _future_of(work, grads)
+    return fut
 
 
 def _reduce(comm, grads: torch.Tensor, slices, spec, state: "HookState", key, agree) -> None:

@@ -6,6 +6,20 @@ import sys
 from pathlib import Path
 
 
+def launcher_rank_world() -> tuple[int, int]:
+    """This process's rank and world size from the launcher's variables (read before fmcomm starts)."""
+    env = os.environ
+    rank = env.get("PMI_RANK", env.get("OMPI_COMM_WORLD_RANK", env.get("RANK", "0")))
+    world = env.get("PMI_SIZE", env.get("OMPI_COMM_WORLD_SIZE", env.get("WORLD_SIZE", "1")))
+    return int(rank), int(world)
+
+
+def split_into_nodes(nodes: int) -> None:
+    """Emulate ``nodes`` nodes on this machine: FMCOMM_NODE_ID from the launcher's rank, ranks in order."""
+    rank, world = launcher_rank_world()
+    os.environ["FMCOMM_NODE_ID"] = f"node{rank * nodes // world}"
+
+
 def parse(extra=None):
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)

@@ -20,21 +20,19 @@ equal) and rank 0 checks the result:
 """
 import hashlib
 import math
-import os
 import traceback
 import zlib
 
 import torch
 
-RANK = int(os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("RANK", "0"))))
-WORLD = int(os.environ.get("PMI_SIZE", os.environ.get("OMPI_COMM_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))))
+from common import launcher_rank_world, parse, report_and_exit, split_into_nodes  # noqa: E402
 
-from common import parse, report_and_exit  # noqa: E402
+RANK, WORLD = launcher_rank_world()
 
 ARGS = parse({"--nodes": {"type": int, "default": 1}, "--feedback": {"action": "store_true"},
               "--piece-elements": {"type": int, "default": 0}})
 if ARGS.nodes:
-    os.environ["FMCOMM_NODE_ID"] = f"node{RANK * ARGS.nodes // WORLD}"
+    split_into_nodes(ARGS.nodes)
 
 import fmcomm  # noqa: E402
 import fmcomm.compressed  # noqa: E402

@@ -20,19 +20,16 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import parse, report_and_exit
+from common import parse, report_and_exit, split_into_nodes
 
 import fmcomm.ddp  # noqa: E402
 from fmcomm.errors import InvalidArgument  # noqa: E402
 
 ARGS = parse({"--nodes": {"type": int, "default": 1}})
 if ARGS.nodes > 1:
-    # Emulated nodes (as rank_compressed.py): across nodes uncompressed buckets go
-    # through fmcomm's own all-reduce, on one node to the process group's.
-    import os
-    _rank = int(os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
-    _world = int(os.environ.get("PMI_SIZE", os.environ.get("OMPI_COMM_WORLD_SIZE", "1")))
-    os.environ["FMCOMM_NODE_ID"] = f"node{_rank * ARGS.nodes // _world}"
+    # Emulated nodes: across nodes uncompressed buckets go through fmcomm's own
+    # all-reduce, on one node to the process group's.
+    split_into_nodes(ARGS.nodes)
 
 
 def net(dtype=torch.float32):
@@ -201,8 +198,7 @@ def main():
         return run
     case("train/resume_identical", resume())
     # Every bucket below compress_min_bytes: averaged uncompressed on the hook's second
-    # communicator, bit for bit as compress="none" does on its first (same algorithm,
-    # same sizes), and a resumed run still adds in the recorded layout.
+    # communicator, and a resumed run still adds in the recorded layout, bit for bit.
     case("train/resume_identical/small_buckets", resume(1 << 30))
 
     def small_buckets_uncompressed():

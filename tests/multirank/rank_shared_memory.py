@@ -29,13 +29,12 @@ import zlib
 
 import torch
 
-RANK = int(os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("RANK", "0"))))
-WORLD = int(os.environ.get("PMI_SIZE", os.environ.get("OMPI_COMM_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))))
+from common import launcher_rank_world, parse, report_and_exit, split_into_nodes  # noqa: E402
 
-from common import parse, report_and_exit  # noqa: E402
+RANK, WORLD = launcher_rank_world()
 
 ARGS = parse()
-os.environ["FMCOMM_NODE_ID"] = f"node{RANK * 2 // WORLD}"
+split_into_nodes(2)
 
 import fmcomm  # noqa: E402
 from fmcomm import compression  # noqa: E402
