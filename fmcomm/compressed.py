@@ -117,13 +117,13 @@ class _Sums:
         self.codec, self.bound, self.gathered = codec, bound, gathered
         self.chunks, self.size, self.width = chunks, size, width
 
-    def decode(self, out: torch.Tensor, codec=None, gathered=None) -> None:
-        """out = every owner's decoded sum, in chunk order (another rank's bytes and codec if given)."""
+    def decode(self, out: torch.Tensor, codec=None, gathered=None, divisor: int = 1) -> None:
+        """out = every owner's decoded sum / ``divisor``, in chunk order (another rank's bytes and codec if given)."""
         codec = codec or self.codec
         gathered = self.gathered if gathered is None else gathered
         for j, (o, c) in enumerate(self.chunks):
             base = j * self.width + _HEADER
-            codec.decode_sum(gathered[base: base + self.size[j]], out[o:o + c])
+            codec.decode_sum(gathered[base: base + self.size[j]], out[o:o + c], divisor)
 
 
 def _layout(compressor: Compressor, n: int, p: int):
@@ -134,8 +134,9 @@ def _layout(compressor: Compressor, n: int, p: int):
     return chunks, size, slot_bytes, max(slot_bytes)
 
 
-def _flat(comm, x: torch.Tensor, out: torch.Tensor, compressor: Compressor, slot, bound: float | None) -> bool:
-    """Steps 1-3 over ``comm`` (float32 ``x`` -> ``out``; they may be one tensor).
+def _flat(comm, x: torch.Tensor, out: torch.Tensor, compressor: Compressor, slot, bound: float | None,
+          divisor: int) -> bool:
+    """Steps 1-3 over ``comm`` (float32 ``x`` -> ``out`` = sum / ``divisor``; they may be one tensor).
 
     Returns False, with ``out`` not written, where some rank's ``x`` held NaN or
     infinity: the caller falls back. ``bound``: max |x| over the group, where known.
@@ -144,7 +145,7 @@ def _flat(comm, x: torch.Tensor, out: torch.Tensor, compressor: Compressor, slot
     if sums is None:
         return False
     with _Phase("decode"):
-        sums.decode(out)
+        sums.decode(out, divisor=divisor)
     return True
 
 
@@ -194,7 +195,8 @@ def _flat_sums(comm, x: torch.Tensor, compressor: Compressor, slot, bound: float
         o, c = chunks[me]
         for src in range(p):
             if src == me:
-                codec.add_own(x[o:o + c], acc, slot.worker[o:o + c] if slot is not None else None)
+                codec.add_own(x[o:o + c], acc, slot.worker[o:o + c] if slot is not None and not slot.own_clear
+                              else None)
                 continue
             base = src * mine_bytes + _HEADER
             codec.add_contribution(recv[base: base + size[me]], acc)
@@ -217,8 +219,8 @@ _RECORD_HEAD = 16
 
 
 def _share_lane_sums(intra, node, lane, compressor: Compressor, sums: _Sums | None, record: torch.Tensor,
-                     target: torch.Tensor, shard: int) -> bool:
-    """Every local rank's lane sums to every local rank, each decoding all of them into ``target``.
+                     target: torch.Tensor, shard: int, divisor: int) -> bool:
+    """Every local rank's lane sums to every local rank, each decoding all of them (/ ``divisor``) into ``target``.
 
     The node exchanges compressed bytes (1/4 to 1/32 of the shard's) instead of
     full-precision shards, and every rank of the node decodes every shard itself;
@@ -242,7 +244,7 @@ def _share_lane_sums(intra, node, lane, compressor: Compressor, sums: _Sums | No
         for r in range(local):
             bound = float(rows[r, 8:_RECORD_HEAD].contiguous().view(torch.float64).item())
             codec = sums.codec if bound == sums.bound else compressor.begin(lane.world, bound)
-            sums.decode(target[r * shard:(r + 1) * shard], codec, rows[r, _RECORD_HEAD:])
+            sums.decode(target[r * shard:(r + 1) * shard], codec, rows[r, _RECORD_HEAD:], divisor)
     return True
 
 
@@ -298,7 +300,7 @@ def _pieces(n: int, local: int) -> list[tuple[int, int, int]]:
     return out
 
 
-def _two_level(comm, x, result, compressor, state, key, bound, node, lane) -> None:
+def _two_level(comm, x, result, compressor, state, key, bound, node, lane, divisor: int) -> None:
     """``@inter``: node reduce-scatter, lane compression, node exchange of sums, piece by piece.
 
     The tensor goes in pieces (``PIECE_ELEMENTS`` per rank). This thread runs each
@@ -334,7 +336,8 @@ def _two_level(comm, x, result, compressor, state, key, bound, node, lane) -> No
             intra.reduce_scatter(node_sum, source)
         piece_slot = None
         if slot is not None:
-            piece_slot = Slot(slot.worker[worker_at:worker_at + shard], slot.server[server_at:server_at + owned[q]])
+            piece_slot = Slot(slot.worker[worker_at:worker_at + shard], slot.server[server_at:server_at + owned[q]],
+                              slot.own_clear)
             worker_at, server_at = worker_at + shard, server_at + owned[q]
         record = torch.empty(_RECORD_HEAD + p_lane * _layout(compressor, shard, p_lane)[3], dtype=torch.uint8,
                              device=x.device)
@@ -343,8 +346,10 @@ def _two_level(comm, x, result, compressor, state, key, bound, node, lane) -> No
                                                record, box))
         started.append(((job, box), node_sum, record, result[o:o + c] if padded is None else padded, padded, o, c))
         if q:
-            _finish_piece(intra, node, lane, compressor, result, *started[q - 1])
-    _finish_piece(intra, node, lane, compressor, result, *started[-1])
+            _finish_piece(intra, node, lane, compressor, result, divisor, *started[q - 1])
+    _finish_piece(intra, node, lane, compressor, result, divisor, *started[-1])
+    if slot is not None:
+        slot.own_clear = True
 
 
 def _lane_piece(lane, node_sum, compressor, slot, lane_bound, record, box: list) -> None:
@@ -359,14 +364,17 @@ def _lane_piece(lane, node_sum, compressor, slot, lane_bound, record, box: list)
         box.append(sums)
 
 
-def _finish_piece(intra, node, lane, compressor, result, job, node_sum, record, target, padded, o, c) -> None:
+def _finish_piece(intra, node, lane, compressor, result, divisor, job, node_sum, record, target, padded, o,
+                  c) -> None:
     work, box = job
     with _Phase("lane_wait"):
         work.wait()
     sums = box[0]
-    if not _share_lane_sums(intra, node, lane, compressor, sums, record, target, node_sum.numel()):
+    if not _share_lane_sums(intra, node, lane, compressor, sums, record, target, node_sum.numel(), divisor):
         if sums is not None:
-            sums.decode(node_sum)
+            sums.decode(node_sum, divisor=divisor)
+        elif divisor != 1:
+            node_sum.div_(divisor)  # this lane's uncompressed sum
         with _Phase("intra_all_gather"):
             intra.all_gather(target, node_sum)
     if padded is not None:
@@ -393,17 +401,20 @@ def _all_reduce(comm, inp, out, spec, state, key, op, levels) -> None:
             return
     result = out if out.dtype == torch.float32 else torch.empty_like(x)
     n = x.numel()
+    # An average divides in the decode (the codecs that can, fold it in), not in a
+    # pass of its own over the result.
+    divisor = comm.world if op == "avg" else 1
     if levels is None:
         slot = _slot(state, key, "all", compressor, comm, n, x.device)
-        if not _flat(comm, x, result, compressor, slot, bound):
+        if not _flat(comm, x, result, compressor, slot, bound, divisor):
             _forget(slot)
             _nonfinite(comm, inp, out, op, raising)
             return
+        if slot is not None:
+            slot.own_clear = True
     else:
         node, lane = levels
-        _two_level(comm, x, result, compressor, state, key, bound, node, lane)
-    if op == "avg":
-        result.div_(comm.world)
+        _two_level(comm, x, result, compressor, state, key, bound, node, lane, divisor)
     if result.data_ptr() != out.data_ptr():
         out.copy_(result)
 

@@ -37,8 +37,13 @@ class Codec(abc.ABC):
         """Encode an owner's accumulated chunk; update the server ``residual`` if given."""
 
     @abc.abstractmethod
-    def decode_sum(self, payload: torch.Tensor, out: torch.Tensor) -> None:
-        """out = decoded sum ``payload`` (every rank decodes the same bytes the same way)."""
+    def decode_sum(self, payload: torch.Tensor, out: torch.Tensor, divisor: int = 1) -> None:
+        """out = decoded sum ``payload`` / ``divisor`` (every rank decodes the same bytes the same way).
+
+        ``divisor`` is the group size where the caller averages. The result is the one
+        dividing the decoded sum afterwards would give; codecs that can get it in the
+        decode itself do, which saves the output a second pass through memory.
+        """
 
     def add_own(self, c: torch.Tensor, acc: torch.Tensor, residual: torch.Tensor | None) -> None:
         """acc += the owner's own values ``c``, uncoded, in the scale of decoded contributions.
@@ -74,8 +79,10 @@ class SymmetricCodec(Codec):
     def encode_sum(self, acc, payload, residual):
         self._encode(acc, payload, residual)
 
-    def decode_sum(self, payload, out):
+    def decode_sum(self, payload, out, divisor=1):
         self._decode(payload, out, False)
+        if divisor != 1:
+            out.div_(divisor)
 
 
 class Compressor(abc.ABC):

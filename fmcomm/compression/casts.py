@@ -2,8 +2,11 @@
 
 Each rank divides by the group size before casting (PyTorch's hooks do the same), so
 the owner's sum is an average that fits the narrow type however many ranks add up;
-the final decode multiplies back. Values beyond the type's range saturate to its
-largest finite value instead of becoming infinity.
+the final decode multiplies back, or, where the caller averages over those same
+ranks, keeps the payload's average as it is (value·world/world in float32 is the
+value exactly: the narrow types' mantissas leave room for the product). Values
+beyond the type's range saturate to its largest finite value instead of becoming
+infinity.
 """
 from __future__ import annotations
 
@@ -35,10 +38,14 @@ class _CastCodec(Codec):
     def encode_sum(self, acc, payload, residual):
         self._cast(acc, payload)
 
-    def decode_sum(self, payload, out):
+    def decode_sum(self, payload, out, divisor=1):
         out.copy_(payload.view(self.dtype))
+        if divisor == self.world:
+            return  # the payload is already the average
         if self.world > 1:
             out.mul_(self.world)
+        if divisor != 1:
+            out.div_(divisor)
 
 
 class CastCompressor(Compressor):

@@ -58,8 +58,10 @@ class _SharedScaleCodec(Codec):
     def encode_sum(self, acc, payload, residual):
         self._encode(acc, payload, residual, self.sum_scale)
 
-    def decode_sum(self, payload, out):
+    def decode_sum(self, payload, out, divisor=1):
         self._decode(payload, out, self.sum_scale, False)
+        if divisor != 1:
+            out.div_(divisor)  # the kernel divides by the scale; a second true division cannot fold into it
 
 
 class _BlockScaleCodec(SymmetricCodec):

@@ -23,9 +23,15 @@ class _OneBitCodec(SymmetricCodec):
         scale = kernels.onebit_encode(values, payload[_HEAD:], residual)
         payload[:4].view(torch.float32).fill_(scale)
 
-    def _decode(self, payload, out, accumulate):
+    def _decode(self, payload, out, accumulate, divisor=1):
         scale = float(payload[:4].view(torch.float32).item()) if out.numel() else 0.0
-        kernels.onebit_decode(payload[_HEAD:], out, scale, accumulate=accumulate)
+        # Every value decodes to +-scale, so +-scale/divisor, rounded to float32 once
+        # (onebit_decode rounds it; a double quotient rounded to float32 is the float32
+        # quotient), is what dividing each decoded value would give.
+        kernels.onebit_decode(payload[_HEAD:], out, scale / divisor, accumulate=accumulate)
+
+    def decode_sum(self, payload, out, divisor=1):
+        self._decode(payload, out, False, divisor)
 
 
 class OneBitCompressor(Compressor):

@@ -24,6 +24,10 @@ from ..errors import InvalidArgument
 class Slot:
     worker: torch.Tensor
     server: torch.Tensor
+    # The worker residual of the chunk this rank owns is known to be zero: nothing
+    # writes it (an owner's own values go uncoded), so only a loaded checkpoint can
+    # hold something there, which the first call adds and clears.
+    own_clear: bool = False
 
 
 def _check_key(key) -> str:
@@ -49,7 +53,7 @@ class ErrorFeedback:
         s = self._slots.get(name)
         if s is None:
             s = self._slots[name] = Slot(torch.zeros(worker_count, dtype=torch.float32, device=device),
-                                         torch.zeros(server_count, dtype=torch.float32, device=device))
+                                         torch.zeros(server_count, dtype=torch.float32, device=device), True)
             return s
         if s.worker.numel() != worker_count or s.server.numel() != server_count:
             raise InvalidArgument(

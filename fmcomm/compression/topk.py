@@ -44,11 +44,16 @@ class _TopKCodec(SymmetricCodec):
         idx, val = self._pairs(payload, values.numel())
         kernels.topk_select(values, idx.numel(), idx, val, residual)
 
-    def _decode(self, payload, out, accumulate):
+    def _decode(self, payload, out, accumulate, divisor=1):
         if not accumulate:
             out.zero_()  # a sum's values not sent are zero
         idx, val = self._pairs(payload, out.numel())
-        kernels.scatter_add(idx, val, out)
+        # Indices are distinct, so each value is added to a zero once: dividing the k
+        # values first gives what dividing the whole output after would.
+        kernels.scatter_add(idx, val / divisor if divisor != 1 else val, out)
+
+    def decode_sum(self, payload, out, divisor=1):
+        self._decode(payload, out, False, divisor)
 
 
 class TopKCompressor(Compressor):

@@ -137,22 +137,47 @@ def feedback_case(comm, family, level, n=512):
     <= world (inputs in [-1, 1]); over STEPS steps, |err| <= STEPS·(4·world + 8)·2^-24·world.
     """
     spec = f"{family}@inter" if level == "inter" else family
+    level_used = level if comm.levels() is not None and level == "inter" else "all"
     state = compression.ErrorFeedback()
     got = torch.zeros(n, dtype=torch.float64)
     true = torch.zeros(n, dtype=torch.float64)
     for step in range(STEPS):
+        if step == STEPS // 2:
+            # Resume from a checkpoint whose worker residuals hold 0.25 more everywhere,
+            # the chunks each rank owns included (a checkpoint from before owners kept
+            # their own values uncoded): that is delivered once, like any residual.
+            before = residual_total(comm, state, "bucket0", level_used, n)
+            saved = {k: v + 0.25 if k.endswith("/worker") else v for k, v in state.state_dict().items()}
+            state = compression.ErrorFeedback()
+            state.load_state_dict(saved)
+            true += residual_total(comm, state, "bucket0", level_used, n) - before
         xs = [make_input(r, n, f"fb/{family}/{step}") for r in range(comm.world)]
         t = xs[comm.rank].clone()
         comm.all_reduce(t, compress=spec, state=state, key="bucket0")
         got += t.double()
         true += torch.stack([x.double() for x in xs]).sum(0)
-    level_used = level if comm.levels() is not None and level == "inter" else "all"
     resid = residual_total(comm, state, "bucket0", level_used, n)
     bound = STEPS * (4 * comm.world + 8) * 2.0 ** -24 * comm.world
     err = float((got - (true - resid)).abs().max())
     drift = float((got - true).norm() / true.norm())
-    return {"ok": err <= bound, "identity_error": err, "bound": bound, "relative_drift": drift,
-            "hash": digest(got)}
+    worker = state.state_dict()[f"bucket0/{level_used}/worker"]
+    owned_held = max((float(worker[o:o + c].abs().max()) for o, c in owned_worker_spans(comm, level_used, n) if c),
+                     default=0.0)
+    return {"ok": err <= bound and owned_held == 0.0, "identity_error": err, "bound": bound,
+            "owned_residual_held": owned_held, "relative_drift": drift, "hash": digest(got)}
+
+
+def owned_worker_spans(comm, level, n):
+    """(offset, count) in this rank's worker residual of the values of chunks it owns."""
+    if level == "all":
+        return [chunk_bounds(n, comm.world)[comm.rank]]
+    node, lane = comm.levels()
+    spans, w_at = [], 0
+    for _, _, shard in fmcomm.compressed._pieces(n, node.world):
+        co, cc = chunk_bounds(shard, lane.world)[lane.rank]
+        spans.append((w_at + co, cc))
+        w_at += shard
+    return spans
 
 
 def main():

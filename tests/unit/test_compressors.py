@@ -162,6 +162,30 @@ def test_owner_adds_its_own_values_uncoded_in_the_contributions_scale(spec, u):
     assert ((coded - own).abs() <= u * own.abs() + 2.0 ** -10 * float(x.abs().max()) / 448 * 2).all()
 
 
+@pytest.mark.parametrize("spec", ["fp16", "bf16", "fp8", "fp8:e5m2", "fp8:block=8", "onebit", "topk:0.25"])
+@pytest.mark.parametrize("world, divisor", [(3, 3), (4, 4), (2, 6), (5, 1)])
+def test_decode_sum_divides_to_the_bits_a_second_pass_gives(spec, world, divisor):
+    """An average's division folded into the decode changes no bit of the result.
+
+    ``divisor`` differs from the codec's world where a lane's codec decodes the average
+    over every node's ranks (``@inter``). Exact equality: the folded forms are one
+    float32 division of each value, as the pass they replace.
+    """
+    c = parse(spec).compressor
+    torch.manual_seed(world * 10 + divisor)
+    acc = torch.randn(1003) * 3
+    acc[::17] = 0.0
+    acc[5] = -0.0
+    codec = c.begin(world, float(acc.abs().max()))
+    p = payload(c, acc.numel())
+    codec.encode_sum(acc, p, torch.zeros_like(acc) if c.error_feedback else None)
+    two_passes, folded = torch.empty_like(acc), torch.full_like(acc, math.nan)
+    codec.decode_sum(p, two_passes)
+    two_passes.div_(divisor)
+    codec.decode_sum(p, folded, divisor)
+    assert torch.equal(folded.view(torch.int32), two_passes.view(torch.int32))  # bits, signed zeros too
+
+
 # ----------------------------------------------------------- error feedback
 
 def test_error_feedback_slots_save_restore_reset():
