@@ -428,11 +428,18 @@ class Communicator:
         return Communicator(sub, self.config) if sub is not None else None
 
     def close(self) -> None:
+        """Finish pending calls, then release the worker thread, the node and lane groups
+        of ``levels()`` (this communicator made them), shared memory and the transport
+        (a torch.distributed group stays its owner's)."""
         try:
             self._drain()
         finally:
             if self._worker is not None:
                 self._worker.shutdown(wait=True)
                 self._worker = None
+            levels, self._levels_cache = self._levels_cache, None
+            for group in levels or ():
+                if group is not None:
+                    group.close()
             self.shared_memory.close()
             self.transport.close()

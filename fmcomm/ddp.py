@@ -143,6 +143,17 @@ class HookState:
         self._layouts = {k: list(v) for k, v in layouts.items()}
         self._agreed = set()  # every rank loads: every rank confirms its buckets afresh
 
+    def close(self) -> None:
+        """Finish the buckets in flight and release fmcomm's communicators (worker threads,
+        node groups, shared memory); the process group stays the caller's. A later
+        bucket makes them afresh, a collective, so every rank closes at the same step.
+        Residuals and the step count are kept."""
+        for comm in (self._small, self._comm):
+            if comm is not None:
+                comm.close()
+        self._comm = self._small = self._spec = None
+        self._agreed = set()  # the new communicators confirm every bucket afresh
+
     # -------------------------------------------------------------- helpers
     def communicator(self) -> Communicator:
         """The fmcomm communicator over the process group, made on first use (a collective)."""

@@ -79,9 +79,10 @@ def ddp_grads(compress, start_iter, dtype=torch.float32, **ddp_kw):
 
 
 def train(compress, steps, start_iter=2, state_from=None, model_from=None, first_step=0, accumulate=False,
-          min_bytes=0, **ddp_kw):
+          min_bytes=0, close_after=None, **ddp_kw):
     """``min_bytes``: the hook's compress_min_bytes; 0 by default, as this model's buckets
-    are all far below the default and would otherwise never be compressed."""
+    are all far below the default and would otherwise never be compressed.
+    ``close_after``: close the hook's state after that many steps, then go on."""
     rank = dist.get_rank()
     model = DDP(net(), **ddp_kw)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -107,6 +108,8 @@ def train(compress, steps, start_iter=2, state_from=None, model_from=None, first
         opt.zero_grad()
         hashes.append(params_hash(model.module))
         losses.append(float(loss.detach()))
+        if close_after is not None and step - first_step + 1 == close_after:
+            state.close()
     return model, opt, state, hashes, losses
 
 
@@ -200,6 +203,16 @@ def main():
     # Every bucket below compress_min_bytes: averaged uncompressed on the hook's second
     # communicator, and a resumed run still adds in the recorded layout, bit for bit.
     case("train/resume_identical/small_buckets", resume(1 << 30))
+
+    def closed_and_reopened():
+        # close() releases fmcomm's communicators and keeps the residuals: the next
+        # bucket makes new ones, and the run goes on exactly as if nothing happened.
+        _, _, _, straight, _ = train("onebit@inter", 6)
+        _, _, state, closed, _ = train("onebit@inter", 6, close_after=3)
+        differ = [i for i, (a, b) in enumerate(zip(closed, straight)) if a != b]
+        return {"ok": not differ and state._comm is not None, "first_differing_step": differ[0] if differ else None,
+                "hash": straight[-1]}
+    case("state/closed_and_reopened", closed_and_reopened)
 
     def small_buckets_uncompressed():
         # Within float32 rounding of compress="none" (onebit coding would be far off):
