@@ -29,6 +29,7 @@ nodes of equal size (the slow link carries a quarter of the bytes, at fp8's
 accuracy, which needs no error feedback) and ``none`` on one node, where links are
 fast enough that coding costs more than it saves.
 """
+import functools
 import os
 import threading
 import zlib
@@ -279,10 +280,19 @@ def hook(state: "HookState", bucket) -> torch.futures.Future[torch.Tensor]:
                     comm.levels()  # made here, on every rank in bucket order: the worker cannot make groups
         agree = (key or f"bucket{bucket.index()}", spec.text if spec is not None else "none", grads.numel(),
                  str(grads.dtype), comm is state._small)
-        if agree in state._agreed and spec is None and comm is state._comm and state.hands_uncompressed_to_group():
+        if spec is None and comm is state._comm and state.hands_uncompressed_to_group():
             # One node, uncompressed: the process group's own asynchronous all-reduce
             # (as PyTorch's allreduce_hook), no hop through fmcomm's worker thread.
-            grads.div_(comm.world)
+            if agree not in state._agreed:
+                # First sight: the agreement runs on the worker, and this thread waits
+                # for it (once per bucket and setting), so that every all-reduce on the
+                # group leaves from this thread, in bucket order on every rank, and a
+                # first step (a resumed run's too) adds exactly as every later one.
+                comm.run_async(functools.partial(_agree, comm, agree)).wait()
+                state._agreed.add(agree)
+            # Scaled as DDP's own reducer scales a bucket (times 1/world, not divided by
+            # world): "none" on one node is then plain DDP, bit for bit.
+            grads.mul_(1.0 / comm.world)
             state.group_buckets += 1
             fut = dist.all_reduce(grads, group=state.process_group, async_op=True).get_future().then(
                 lambda f: f.value()[0])
