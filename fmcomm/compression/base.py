@@ -67,8 +67,8 @@ class SymmetricCodec(Codec):
         ...
 
     @abc.abstractmethod
-    def _decode(self, payload: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
-        ...
+    def _decode(self, payload: torch.Tensor, out: torch.Tensor, accumulate: bool, divisor: int = 1) -> None:
+        """out (+)= decoded ``payload``, divided by ``divisor`` (only where not accumulating)."""
 
     def encode_contribution(self, c, payload, residual):
         self._encode(c, payload, residual)
@@ -80,9 +80,7 @@ class SymmetricCodec(Codec):
         self._encode(acc, payload, residual)
 
     def decode_sum(self, payload, out, divisor=1):
-        self._decode(payload, out, False)
-        if divisor != 1:
-            out.div_(divisor)
+        self._decode(payload, out, False, divisor)
 
 
 class Compressor(abc.ABC):

@@ -89,12 +89,14 @@ class _BlockScaleCodec(SymmetricCodec):
         torch.where(amax > 0, (fmax / amax).clamp(max=_MAX_SCALE), torch.ones_like(amax), out=scales)
         kernels.fp8_encode(c, codes, scales, self.block, self.fmt, residual)
 
-    def _decode(self, payload, out, accumulate):
+    def _decode(self, payload, out, accumulate, divisor=1):
         n = out.numel()
         if n == 0:
             return
         scales, codes = self._split(payload, n)
         kernels.fp8_decode(codes, out, scales, self.block, self.fmt, accumulate=accumulate)
+        if divisor != 1:
+            out.div_(divisor)  # the kernel divides by each block's scale; a second true division cannot fold in
 
 
 class FP8Compressor(Compressor):

@@ -30,9 +30,6 @@ class _OneBitCodec(SymmetricCodec):
         # quotient), is what dividing each decoded value would give.
         kernels.onebit_decode(payload[_HEAD:], out, scale / divisor, accumulate=accumulate)
 
-    def decode_sum(self, payload, out, divisor=1):
-        self._decode(payload, out, False, divisor)
-
 
 class OneBitCompressor(Compressor):
     name = "onebit"

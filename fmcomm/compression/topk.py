@@ -52,9 +52,6 @@ class _TopKCodec(SymmetricCodec):
         # values first gives what dividing the whole output after would.
         kernels.scatter_add(idx, val / divisor if divisor != 1 else val, out)
 
-    def decode_sum(self, payload, out, divisor=1):
-        self._decode(payload, out, False, divisor)
-
 
 class TopKCompressor(Compressor):
     error_feedback = True
