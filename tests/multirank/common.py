@@ -30,7 +30,7 @@ def parse(extra=None):
 
 
 def report_and_exit(args, rank: int, report: dict) -> None:
-    """Write this rank's report, wait for every rank, and leave without MPI_Finalize.
+    """Write this rank's report, wait for every rank, mark it finished, and leave without MPI_Finalize.
 
     A failed collective may leave requests posted; finalizing MPI (or gloo) with them
     pending can block, so after the barrier on COMM_WORLD (which fmcomm does not use)
@@ -42,6 +42,9 @@ def report_and_exit(args, rank: int, report: dict) -> None:
     tmp.rename(out / f"rank{rank}.json")
     from mpi4py import MPI
     MPI.COMM_WORLD.Barrier()
+    # Past the barrier every rank has written its report and nothing of the test runs
+    # any more: the harness reads this mark as "this rank finished" (see run_ranks).
+    (out / f"rank{rank}.finished").touch()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
