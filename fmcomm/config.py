@@ -135,6 +135,10 @@ OPTIONS: tuple[Option, ...] = (
            "Intra-node steps (reduce-scatter, all-gather of compressed sums) of `@inter` compressed all-reduces. `auto`: "
            "the ranks of a node move them through a /dev/shm segment when every rank of the node can "
            "map it, else through the transport; `off`: always through the transport."),
+    Option("topo_file", "", str,
+           "A machine file (`fmcomm topo --dump FILE`, or a preset in `topology/`) whose figures (latency "
+           "and bandwidth per level, kernel rates) and node facts stand in for detection; empty: detect. "
+           "A file of a newer format version or one that does not parse is refused with `MachineFileError`."),
 )
 
 _BY_NAME = {o.name: o for o in OPTIONS}
@@ -153,6 +157,7 @@ class Config:
     auto_ring_min_bytes: int = 1 << 20
     nan: str = "propagate"
     shm: str = "auto"
+    topo_file: str = ""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Config":

@@ -64,3 +64,15 @@ class TransportError(CollectiveError):
 
 class NonFiniteError(CollectiveError, FloatingPointError):
     """A compressed all-reduce met NaN or infinity in some rank's input and FMCOMM_NAN=raise."""
+
+
+class TopologyError(FmcommError):
+    """The topology lacks what was asked of it (figures for a level, a preset by that name)."""
+
+
+class MachineFileError(TopologyError, ValueError):
+    """A machine file (``fmcomm topo --dump``, ``FMCOMM_TOPO_FILE``, a preset) cannot be used; names the file and why."""
+
+    def __init__(self, path: str, problem: str):
+        super().__init__(f"machine file {path}: {problem}")
+        self.path, self.problem = path, problem

@@ -19,6 +19,7 @@ EXPECTED_DEFAULTS = {
     "auto_ring_min_bytes": 1 << 20,
     "nan": "propagate",
     "shm": "auto",
+    "topo_file": "",
 }
 
 
