@@ -34,12 +34,12 @@ def main() -> None:
     for spec in a.compress.split(","):
         state = fmcomm.compression.ErrorFeedback()
         out = torch.empty_like(x)
-        comm.all_reduce(x, compress=spec, state=state, output=out)  # warm-up: groups, residuals
+        comm.all_reduce(x, compress=spec, state=state, key="x", output=out)  # warm-up: groups, residuals
         compressed.phase_seconds = {}
         comm.barrier()
         t0 = time.perf_counter()
         for _ in range(a.iters):
-            comm.all_reduce(x, compress=spec, state=state, output=out)
+            comm.all_reduce(x, compress=spec, state=state, key="x", output=out)
         total = time.perf_counter() - t0
         phases, compressed.phase_seconds = compressed.phase_seconds, None
         phases["total"] = total

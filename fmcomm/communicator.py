@@ -243,9 +243,10 @@ class Communicator:
         ``compress`` (``"fp8"``, ``"onebit@inter"``, ``"topk:0.01"``, ...; see
         :mod:`fmcomm.compression`) sends coded values instead of full precision, for
         float sum/avg; every rank still ends with identical bytes. Families with
-        error feedback keep residuals in ``state`` (default: this communicator's
-        ``error_feedback``) under ``key`` (default: the element count): give each
-        tensor that is reduced repeatedly (each gradient bucket) its own key.
+        error feedback keep residuals between calls in ``state`` (default: this
+        communicator's ``error_feedback``) under ``key`` and the compressor's name:
+        give each tensor that is reduced repeatedly (each gradient bucket) its own
+        key. Without ``key`` nothing is kept from one call to the next.
         """
         inp, dtype = as_flat_tensor(tensor, "all_reduce tensor")
         op = _redop(op)
@@ -271,8 +272,13 @@ class Communicator:
                                   "not both")
         if state is not None and not isinstance(state, ErrorFeedback):
             raise InvalidArgument(f"state must be an fmcomm.compression.ErrorFeedback, got {type(state).__name__}")
-        state = self.error_feedback if state is None else state
-        key = f"n{inp.numel()}" if key is None else key
+        if key is None:
+            # No key, no memory: residuals kept under a guessed key (the element count,
+            # once) grew with every new size and mixed tensors of one size. A call
+            # without a key codes with error feedback inside the call only.
+            state, key = ErrorFeedback(), "call"
+        elif state is None:
+            state = self.error_feedback
         levels = self.levels() if spec.level == "inter" else None  # a collective: made here, in order
 
         def run() -> None:
@@ -424,7 +430,7 @@ class Communicator:
         if sorted(set(ranks)) != sorted(ranks) or any(not 0 <= r < self.world for r in ranks):
             raise InvalidArgument(f"new_group ranks {ranks} must be distinct ranks of 0..{self.world - 1}")
         self._drain()
-        sub = self.transport.subgroup(ranks)
+        sub = self.transport.subgroup(ranks, self.config.timeout)
         return Communicator(sub, self.config) if sub is not None else None
 
     def close(self) -> None:

@@ -269,7 +269,13 @@ def _nonfinite(comm, inp, out, op: str, raising: bool) -> None:
 def _slot(state: ErrorFeedback, key, level: str, compressor: Compressor, comm, n: int, device):
     if not compressor.error_feedback:
         return None
-    return state.slot(key, level, n, chunk_bounds(n, comm.world)[comm.rank][1], device)
+    return state.slot(key, slot_level(compressor, level), n, chunk_bounds(n, comm.world)[comm.rank][1], device)
+
+
+def slot_level(compressor: Compressor, level: str) -> str:
+    """The slot name of ``compressor``'s residuals at ``level``: one key coded by two
+    compressors (a setting changed mid-run) keeps two sets, never one shared."""
+    return f"{compressor.name}@{level}"
 
 
 def _node_shared_memory(comm, node, shard: int, device):
@@ -315,7 +321,7 @@ def _two_level(comm, x, result, compressor, state, key, bound, node, lane, divis
         return  # nothing to reduce: every rank skips alike
     p_lane = lane.world
     owned = [chunk_bounds(shard, p_lane)[lane.rank][1] for _, _, shard in pieces]
-    slot = (state.slot(key, "inter", sum(s for _, _, s in pieces), sum(owned), x.device)
+    slot = (state.slot(key, slot_level(compressor, "inter"), sum(s for _, _, s in pieces), sum(owned), x.device)
             if compressor.error_feedback else None)
     # A node sum is bounded by local·(max |x| of any rank) where that is known;
     # else each lane agrees on its own (fp8) or learns of NaN from the payloads.

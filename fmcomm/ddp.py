@@ -10,9 +10,9 @@ Steps:
 3. Train. Each gradient bucket is averaged over the ranks by fmcomm, asynchronously:
    the hook returns at once and the backward pass goes on computing later layers
    while the bucket travels. The first ``start_iter`` steps run uncompressed.
-4. Checkpoint ``state.state_dict()`` beside the model's; after
-   ``state.load_state_dict(...)`` a resumed run computes what an uninterrupted one
-   would have.
+4. Checkpoint ``state.state_dict()`` beside the model's (it loads under
+   ``torch.load``'s default ``weights_only=True``); after ``state.load_state_dict(...)``
+   a resumed run computes what an uninterrupted one would have, bit for bit.
 
 Example::
 
@@ -21,6 +21,7 @@ Example::
     state = fmcomm.ddp.register(model, compress="onebit@inter", start_iter=10)
     for x, y in data:
         loss_fn(model(x), y).backward(); opt.step(); opt.zero_grad()
+    print(state.summary())
 
 ``compress`` takes every spec of :mod:`fmcomm.compression` (``none``, ``fp16``,
 ``bf16``, ``fp8``, ``onebit``, ``topk:R``, each optionally ``@inter``) and ``auto``:
@@ -28,10 +29,22 @@ until the tuner exists, ``auto`` is ``fp8@inter`` where the group spans several
 nodes of equal size (the slow link carries a quarter of the bytes, at fp8's
 accuracy, which needs no error feedback) and ``none`` on one node, where links are
 fast enough that coding costs more than it saves.
+
+.. warning::
+   fmcomm's traffic runs on a process group of its own (the same ranks as the
+   model's, made through that group's store), never on the model's: DDP issues
+   collectives of its own on its group (the unused-parameter bitmap, buffer
+   broadcasts), and a second thread sending there would meet them in another order
+   on each rank.
 """
+
+import atexit
+import dataclasses
 import functools
+import logging
 import os
 import threading
+import weakref
 import zlib
 from typing import Any
 
@@ -42,7 +55,9 @@ from . import compression
 from .communicator import Communicator
 from .compression import ErrorFeedback
 from .config import Config
-from .errors import InvalidArgument, MismatchError
+from .errors import FmcommError, InvalidArgument, MismatchError
+
+log = logging.getLogger("fmcomm.ddp")
 
 AUTO = "auto"
 # Buckets smaller than this go uncompressed, on a communicator of their own: on the
@@ -51,6 +66,16 @@ AUTO = "auto"
 # 4 MiB 39.9 against 16.2 ms. Their own communicator has its own worker, so DDP's
 # small first bucket no longer holds the big ones up behind it.
 DEFAULT_COMPRESS_MIN_BYTES = 2 << 20
+# Version of HookState.state_dict()'s layout; a newer one is refused.
+STATE_FORMAT = 2
+
+
+@dataclasses.dataclass
+class _Held:
+    """A bucket whose averaging waits for the end of the backward pass (see ``_regroup``)."""
+    grads: torch.Tensor
+    entries: list  # (parameter position, offset in the bucket, element count)
+    done: "torch.futures.Future[torch.Tensor]"
 
 
 class HookState:
@@ -59,7 +84,7 @@ class HookState:
     Fields by role:
 
     * where: ``process_group`` (None: torch's default group); the fmcomm
-      communicator made from it on first use (not pickled);
+      communicators made from it on first use, on a group of their own (not pickled);
     * what: ``compress`` (a spec, or ``auto``), ``start_iter`` (steps run
       uncompressed first: DDP rebuilds its buckets after the first step, and error
       feedback should start from settled buckets), ``compress_min_bytes``
@@ -68,10 +93,15 @@ class HookState:
       compresses every bucket);
     * carried over steps: ``step`` (counted once per backward, at its last bucket),
       ``error_feedback`` (the residuals, one key per bucket's set of parameters),
-      and per key the order of parameters its residuals follow;
+      per key the order of parameters its residuals follow, and which keys the last
+      step coded;
     * counted: ``group_buckets``, the buckets handed straight to the process
       group's own all-reduce (uncompressed, every rank on one node: see
       :meth:`hands_uncompressed_to_group`).
+
+    Parameters are named by position: the order the state first sees them in its
+    first backward pass (DDP's initial bucket order, the same in every process that
+    builds the same model), so a checkpoint means the same in a resumed process.
     """
 
     def __init__(self, process_group=None, compress: str = "none", start_iter: int = 10, *,
@@ -95,38 +125,59 @@ class HookState:
         self.step = 0
         self.group_buckets = 0  # buckets handed to the process group's own all-reduce (one node, uncompressed)
         self.error_feedback = error_feedback if error_feedback is not None else ErrorFeedback()
+        self._layouts: dict[str, list[int]] = {}  # error-feedback key -> parameter positions in coding order
+        self._last_keys: list[str] = []  # keys coded in the last compressing step, in bucket order
+        self._numels: list[int] = []  # element count of each parameter position
+        self._reset_process_local()
+
+    def _reset_process_local(self) -> None:
+        """Everything that means nothing in another process or after close()."""
         self._comm: "Communicator | None" = None
         self._small: "Communicator | None" = None  # the same ranks, for buckets below compress_min_bytes
         self._spec = None
-        self._params: "set[int] | None" = None  # ids of the model's parameters, learned in the first backward
-        self._seen: set[int] = set()
-        self._param_index: "dict[int, int] | None" = None  # id(parameter) -> its position in the model
-        self._layouts: dict[str, list[int]] = {}  # error-feedback key -> parameter positions in coding order
+        self._positions: "dict[int, int] | None" = None  # id(parameter) -> position, once the first backward ends
+        self._learning: dict[int, int] = {}  # the same, while the first backward runs
+        self._learning_numels: dict[int, int] = {}  # position -> element count, while the first backward runs
         self._agreed: set = set()  # (key, spec, count, dtype, on the second communicator) every rank confirmed
         self._lock = threading.Lock()
+        self._coded_now: list[str] = []  # keys coded in this backward so far
+        self._held: list[_Held] = []
+        self._works: list = []  # this backward's fmcomm work, waited for at its end
+        self._routes: list[str] = []  # this backward's buckets, how each travels (for summary())
+        self._route_text: "str | None" = None  # the first compressing step's routes, kept for summary()
+        self._warm_up_text: "str | None" = None  # the last uncompressed step's routes
+        # Keys a checkpoint's last step coded: the first step after a load codes the
+        # same sets of parameters, whatever buckets this process's DDP hands over.
+        self._resume_keys: "list[str] | None" = list(self._last_keys) if self._last_keys else None
+        _LIVE.add(self)
 
     # ------------------------------------------------------------- pickling
     def __getstate__(self) -> dict[str, Any]:
-        keep = {k: v for k, v in self.__dict__.items() if k not in ("process_group", "_comm", "_small", "_lock",
-                                                                   "_spec")}
-        keep["_params"] = None  # object ids mean nothing in another process
-        keep["_seen"] = set()
-        keep["_param_index"] = None
-        keep["_agreed"] = set()
-        return keep
+        keep = ("process_group", "compress", "start_iter", "compress_min_bytes", "step", "group_buckets",
+                "error_feedback", "_layouts", "_last_keys", "_numels")
+        d = {k: self.__dict__[k] for k in keep}
+        d["process_group"] = None  # a process group does not pickle; the unpickled state uses the default group
+        return d
 
     def __setstate__(self, d: dict[str, Any]) -> None:
         self.__dict__.update(d)
-        self.process_group, self._comm, self._small, self._spec = None, None, None, None
-        self._lock = threading.Lock()
+        self._reset_process_local()
 
     # ----------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "compress": self.compress, "start_iter": self.start_iter,
-                "error_feedback": self.error_feedback.state_dict(),
-                "layouts": {k: list(v) for k, v in self._layouts.items()}}
+        """Plain data (ints, strings, lists, float32 tensors): ``torch.load`` reads it with
+        ``weights_only=True``."""
+        return {"format": STATE_FORMAT, "step": self.step, "compress": self.compress,
+                "start_iter": self.start_iter, "error_feedback": self.error_feedback.state_dict(),
+                "layouts": {k: list(v) for k, v in self._layouts.items()}, "last_keys": list(self._last_keys),
+                "numels": list(self._numels)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict):
+            raise InvalidArgument(f"HookState.load_state_dict needs a dict, got {type(state).__name__}")
+        if int(state.get("format", 1)) > STATE_FORMAT:
+            raise InvalidArgument(f"HookState.load_state_dict: checkpoint format {state['format']} is newer than "
+                                  f"this fmcomm reads ({STATE_FORMAT})")
         for name in ("step", "error_feedback"):
             if name not in state:
                 raise InvalidArgument(f"HookState.load_state_dict: missing {name!r}")
@@ -139,25 +190,48 @@ class HookState:
                 for k, v in layouts.items()):
             raise InvalidArgument("HookState.load_state_dict: 'layouts' must map str keys to lists of "
                                   "parameter positions")
+        last = list(state.get("last_keys", []))
+        if any(k not in layouts for k in last):
+            raise InvalidArgument("HookState.load_state_dict: 'last_keys' names a key without a layout")
+        numels = [int(n) for n in state.get("numels", [])]
+        if self._positions is not None and numels and numels != self._numels:
+            raise InvalidArgument("HookState.load_state_dict: the checkpoint's parameters differ from this "
+                                  "model's (another model, or another parameter order)")
         self.step = int(state["step"])
         self.error_feedback.load_state_dict(state["error_feedback"])
         self._layouts = {k: list(v) for k, v in layouts.items()}
+        self._last_keys = last
+        self._numels = numels or self._numels
+        self._resume_keys = list(last) if last else None
         self._agreed = set()  # every rank loads: every rank confirms its buckets afresh
 
     def close(self) -> None:
         """Finish the buckets in flight and release fmcomm's communicators (worker threads,
-        node groups, shared memory); the process group stays the caller's. A later
+        groups, shared memory); the model's process group stays the caller's. A later
         bucket makes them afresh, a collective, so every rank closes at the same step.
         Residuals and the step count are kept."""
-        for comm in (self._small, self._comm):
-            if comm is not None:
-                comm.close()
+        comms = (self._small, self._comm)
         self._comm = self._small = self._spec = None
         self._agreed = set()  # the new communicators confirm every bucket afresh
+        for comm in comms:
+            if comm is not None:
+                comm.close()
+
+    def summary(self) -> str:
+        """How this state averages the model's buckets, as a user reads it.
+
+        The setting, then one line per bucket of the first compressing step (or of
+        the last step, before compression starts): its size and how it travels.
+        """
+        spec = self._spec.text if self._spec is not None else self.compress
+        head = (f"fmcomm.ddp: compress={self.compress!r}" + (f" (resolved: {spec})" if self.compress == AUTO else "")
+                + f", start_iter={self.start_iter}, compress_min_bytes={self.compress_min_bytes}, step {self.step}")
+        routes = self._route_text or self._warm_up_text
+        return head + ("\n" + routes if routes else "\n(no backward pass seen yet)")
 
     # -------------------------------------------------------------- helpers
     def communicator(self) -> Communicator:
-        """The fmcomm communicator over the process group, made on first use (a collective)."""
+        """The fmcomm communicator, on a group of its own over the model's ranks (made on first use)."""
         if self._comm is None:
             from .transport.torch_dist import TorchTransport
             if not dist.is_initialized():
@@ -169,8 +243,8 @@ class HookState:
             # round before every collective, which cost 10% of a step on one box.
             # FMCOMM_CHECK set by the user still decides.
             check = None if "FMCOMM_CHECK" in os.environ else False
-            self._comm = Communicator(TorchTransport(self.process_group),
-                                      Config.from_env(transport="torch", check=check))
+            config = Config.from_env(transport="torch", check=check)
+            self._comm = Communicator(TorchTransport.private(self.process_group, config.timeout, "ddp"), config)
         return self._comm
 
     def small_communicator(self) -> Communicator:
@@ -187,8 +261,10 @@ class HookState:
         So they do where every rank is on one node: there fmcomm's own algorithms gain
         nothing over the engine's, and on one box of 4 ranks (80 steps, configs taking
         turns) handing them to fmcomm's worker cost 0.91 of PyTorch's default DDP speed
-        where PyTorch's own ``allreduce_hook`` cost 0.98. Across nodes fmcomm's
-        hierarchical all-reduce goes on carrying them.
+        where PyTorch's own ``allreduce_hook`` cost 0.98. The hook calls it from the
+        backward pass, in bucket order, as PyTorch's ``allreduce_hook`` does: DDP
+        controls that order. Across nodes fmcomm's hierarchical all-reduce goes on
+        carrying them.
         """
         return self.communicator().topology.nodes == 1
 
@@ -200,59 +276,85 @@ class HookState:
             self._spec = compression.parse(text)
         return self._spec
 
-    def _check_model(self, bucket) -> None:
-        # The first backward this state sees (after creation or unpickling) names the
-        # model's parameters; every later bucket must hold only those.
-        ids = {id(p) for p in bucket.parameters()}
-        if self._params is None:
-            self._seen |= ids
-            if bucket.is_last():
-                self._params = set(self._seen)
-            return
-        if not ids <= self._params:
-            raise InvalidArgument("fmcomm.ddp: this HookState belongs to another model (a bucket holds "
-                                  "parameters it has not seen); make one HookState per DDP model")
+    def _entries(self, bucket) -> list:
+        """(position, offset, count) of each parameter in ``bucket``, learning positions in
+        the first backward; a parameter this state has not seen after that means another model."""
+        entries, off = [], 0
+        for p in bucket.parameters():
+            pid = id(p)
+            if self._positions is not None:
+                pos = self._positions.get(pid)
+                if pos is None:
+                    raise InvalidArgument(f"fmcomm.ddp: rank {dist.get_rank()}: this HookState belongs to another "
+                                          f"model (bucket {bucket.index()} holds parameters it has not seen); "
+                                          f"make one HookState per DDP model")
+            else:
+                pos = self._learning.setdefault(pid, len(self._learning))
+                self._learning_numels[pos] = p.numel()
+            entries.append((pos, off, p.numel()))
+            off += p.numel()
+        return entries
+
+    def _first_backward_done(self) -> None:
+        self._positions, self._learning = dict(self._learning), {}
+        mine = [self._learning_numels[i] for i in range(len(self._positions))]
+        self._learning_numels = {}
+        if self._numels and self._numels != mine:
+            raise InvalidArgument(f"fmcomm.ddp: rank {dist.get_rank()}: this state's checkpoint was made on "
+                                  f"another model ({len(self._numels)} parameters of other sizes than this "
+                                  f"model's {len(mine)})")
+        self._numels = mine
 
 
-def _future_of(work, result: torch.Tensor) -> "torch.futures.Future[torch.Tensor]":
-    fut: torch.futures.Future = torch.futures.Future()
+# States not yet closed: closed at interpreter exit, so that no worker thread or
+# group of theirs is left to be torn down under a finishing interpreter.
+_LIVE: "weakref.WeakSet[HookState]" = weakref.WeakSet()
 
-    def done(f) -> None:
+
+@atexit.register
+def _close_live_states() -> None:
+    for state in list(_LIVE):
+        try:
+            state.close()
+        except Exception:  # noqa: BLE001 - at exit, a failed peer must not stop the others' release
+            log.debug("fmcomm.ddp: closing a hook state at exit failed", exc_info=True)
+
+
+def _membership_key(entries) -> str:
+    """The error-feedback key of a set of parameters (which ones, not where a bucket put them)."""
+    members = sorted((i, n) for i, _, n in entries)
+    return f"params{members[0][0]}-{members[-1][0]}-{zlib.crc32(repr(members).encode()):08x}"
+
+
+def _new_future():
+    """(a future to complete, the future to hand to DDP).
+
+    DDP reads a bucket's future from C++, where an exception set on it directly
+    becomes "Unable to cast ... to Tensor"; raised from a ``then`` callback, its
+    message reaches ``backward()`` intact. (Its type comes back through
+    ``_raise_at_backward_end``.)
+    """
+    done: torch.futures.Future = torch.futures.Future()
+    return done, done.then(lambda f: f.value())
+
+
+def _complete(done, work, result: torch.Tensor) -> None:
+    def finish(f) -> None:
         err = f.exception()
         if err is not None:
-            fut.set_exception(err)
+            done.set_exception(err)
         else:
-            fut.set_result(result)
-    work.add_done_callback(done)
-    return fut
+            done.set_result(result)
+    work.add_done_callback(finish)
 
 
-def _coding_layout(state: "HookState", bucket):
-    """(key, the bucket's slices in the order this state codes them) or (key, None).
+def _at_backward_end(fn) -> None:
+    """Run ``fn`` when the autograd engine finishes this backward pass (called from inside it).
 
-    DDP lays a bucket out in the order gradients became ready in the first step
-    and rebuilds it after that step, so a resumed run's first buckets are laid out
-    differently from the uninterrupted run's at the same step. The error-feedback
-    residuals belong to one order of the values: the state records, per set of
-    parameters, the order it first coded them in (the rebuilt buckets' in a run
-    that starts compressing after the first step) and codes them in that order
-    ever after. Only a bucket in another order (a resumed run's first step) is
-    copied into it and back; every other bucket is coded where it lies.
+    Queued from the last bucket's hook, it runs before DDP's own end-of-backward
+    callback, which DDP queues once every bucket has been handed over.
     """
-    if state._param_index is None:
-        return f"bucket{bucket.index()}", None
-    entries, off = [], 0
-    for p in bucket.parameters():
-        entries.append((state._param_index.get(id(p), -1), off, p.numel()))
-        off += p.numel()
-    members = sorted((i, n) for i, _, n in entries)  # which parameters, not where this layout put them
-    key = f"params{members[0][0]}-{members[-1][0]}-{zlib.crc32(repr(members).encode()):08x}"
-    order = [i for i, _, _ in entries]
-    coded = state._layouts.setdefault(key, order)
-    if coded == order:
-        return key, None
-    position = {i: r for r, i in enumerate(coded)}
-    return key, sorted(entries, key=lambda e: position[e[0]])
+    torch.autograd.Variable._execution_engine.queue_callback(fn)
 
 
 def hook(state: "HookState", bucket) -> torch.futures.Future[torch.Tensor]:
@@ -261,54 +363,173 @@ def hook(state: "HookState", bucket) -> torch.futures.Future[torch.Tensor]:
         raise InvalidArgument(f"fmcomm.ddp.hook needs a fmcomm.ddp.HookState, got {type(state).__name__}")
     grads = bucket.buffer()
     with state._lock:
-        state._check_model(bucket)
+        entries = state._entries(bucket)
         comm = state.communicator()
         compressing = state.step >= state.start_iter and state.spec().enabled
-        spec = key = slices = None  # spec None: averaged uncompressed
         if compressing:
-            # Small buckets are coded in the recorded layout too: an uncompressed sum's
-            # rounding depends on where a value sits (the ring starts each chunk at
-            # another rank), and a resumed run must add alike.
-            key, slices = _coding_layout(state, bucket)
-            if grads.numel() * grads.element_size() < state.compress_min_bytes:
-                comm = state.small_communicator()
-            else:
-                spec = state.spec()
-                if spec.compressor.elementwise:
-                    slices = None  # codes every value alike wherever it lies: no reorder needed
-                if spec.level == "inter":
-                    comm.levels()  # made here, on every rank in bucket order: the worker cannot make groups
-        agree = (key or f"bucket{bucket.index()}", spec.text if spec is not None else "none", grads.numel(),
-                 str(grads.dtype), comm is state._small)
-        if spec is None and comm is state._comm and state.hands_uncompressed_to_group():
-            # One node, uncompressed: the process group's own asynchronous all-reduce
-            # (as PyTorch's allreduce_hook), no hop through fmcomm's worker thread.
-            if agree not in state._agreed:
-                # First sight: the agreement runs on the worker, and this thread waits
-                # for it (once per bucket and setting), so that every all-reduce on the
-                # group leaves from this thread, in bucket order on every rank, and a
-                # first step (a resumed run's too) adds exactly as every later one.
-                comm.run_async(functools.partial(_agree, comm, agree)).wait()
-                state._agreed.add(agree)
-            # Scaled as DDP's own reducer scales a bucket (times 1/world, not divided by
-            # world): "none" on one node is then plain DDP, bit for bit.
-            grads.mul_(1.0 / comm.world)
-            state.group_buckets += 1
-            fut = dist.all_reduce(grads, group=state.process_group, async_op=True).get_future().then(
-                lambda f: f.value()[0])
-        elif agree in state._agreed and slices is None:
-            fut = _future_of(_average(comm, grads, spec, state, key, async_op=True), grads)
+            fut = _compressed_bucket(state, comm, bucket.index(), grads, entries)
         else:
-            # First sight of this bucket and setting (or a bucket to reorder): on the
-            # worker, as every bucket's work: the hook runs on the autograd thread, and
-            # every millisecond spent here holds up the backward pass.
-            first = agree not in state._agreed
-            state._agreed.add(agree)
-            fut = _future_of(comm.run_async(lambda: _reduce(comm, grads, slices, spec, state, key,
-                                                            agree if first else None)), grads)
+            fut = _uncompressed_bucket(state, comm, bucket.index(), grads, entries)
         if bucket.is_last():
-            state.step += 1
+            _end_of_backward(state, comm, compressing)
     return fut
+
+
+def _uncompressed_bucket(state: "HookState", comm, index: int, grads: torch.Tensor, entries):
+    """Warm-up steps and ``compress="none"``."""
+    why = "compress='none'" if not state.spec().enabled else f"warm-up: step {state.step} < start_iter"
+    agree = (f"bucket{index}", "none", grads.numel(), str(grads.dtype), False)
+    if state.hands_uncompressed_to_group():
+        state._routes.append(_route(index, entries, grads, "uncompressed, the process group's all-reduce", why))
+        # One node, uncompressed: the process group's own asynchronous all-reduce
+        # (as PyTorch's allreduce_hook), no hop through fmcomm's worker thread.
+        if agree not in state._agreed:
+            # First sight: every rank confirms the bucket on fmcomm's own group (this
+            # thread waits, once per bucket and setting), so that every all-reduce on
+            # the model's group leaves from this thread, in bucket order on every rank.
+            comm.run_async(functools.partial(_agree, comm, agree)).wait()
+            state._agreed.add(agree)
+        # Scaled as DDP's own reducer scales a bucket (times 1/world, not divided by
+        # world): "none" on one node is then plain DDP, bit for bit.
+        grads.mul_(1.0 / comm.world)
+        state.group_buckets += 1
+        return dist.all_reduce(grads, group=state.process_group, async_op=True).get_future().then(
+            lambda f: f.value()[0])
+    state._routes.append(_route(index, entries, grads, "uncompressed, fmcomm's all-reduce", why))
+    first = agree not in state._agreed
+    state._agreed.add(agree)
+    return _submit(state, comm, index, grads, lambda: _reduce(comm, grads, None, None, state, None,
+                                                              agree if first else None))
+
+
+def _compressed_bucket(state: "HookState", comm, index: int, grads: torch.Tensor, entries):
+    key = _membership_key(entries)
+    if state._resume_keys is not None and key not in state._resume_keys:
+        # The first step after a load, with DDP's buckets of before its rebuild: held
+        # until the backward ends, then coded as the checkpointed run coded them.
+        done, fut = _new_future()
+        state._held.append(_Held(grads, entries, done))
+        state._routes.append(_route(index, entries, grads, "held for the checkpoint's layout", "resumed run"))
+        return fut
+    order = [i for i, _, _ in entries]
+    coded = state._layouts.setdefault(key, order)
+    slices = None
+    if coded != order:
+        # The same parameters in another order (DDP's rebuild): coded in the recorded
+        # order, which the residuals and the chunks' owners follow.
+        position = {i: r for r, i in enumerate(coded)}
+        slices = sorted(entries, key=lambda e: position[e[0]])
+    state._coded_now.append(key)
+    target, spec, how, why = _route_of(state, comm, grads.numel() * grads.element_size())
+    state._routes.append(_route(index, entries, grads, how, why))
+    agree = (key, spec.text if spec is not None else "none", grads.numel(), str(grads.dtype), target is state._small)
+    first = agree not in state._agreed
+    state._agreed.add(agree)
+    return _submit(state, target, index, grads, lambda: _reduce(target, grads, slices, spec, state, key,
+                                                                agree if first else None))
+
+
+def _route_of(state: "HookState", comm, nbytes: int):
+    """(communicator, spec or None, how, why) for a compressing step's bucket of ``nbytes``."""
+    if nbytes < state.compress_min_bytes:
+        return (state.small_communicator(), None, "uncompressed, fmcomm's second communicator",
+                f"below compress_min_bytes={state.compress_min_bytes}")
+    spec = state.spec()
+    if spec.level == "inter":
+        comm.levels()  # made here, on every rank in bucket order: the worker cannot make groups
+    return comm, spec, spec.text, ""
+
+
+def _route(index: int, entries, grads: torch.Tensor, how: str, why: str) -> str:
+    nbytes = grads.numel() * grads.element_size()
+    return (f"  bucket {index}: {len(entries)} parameters, {nbytes / 2**20:.2f} MiB {str(grads.dtype)[6:]}: "
+            f"{how}" + (f" ({why})" if why else ""))
+
+
+def _submit(state: "HookState", comm, index: int, grads: torch.Tensor, fn):
+    """Run ``fn`` on ``comm``'s worker; the returned future completes with ``grads``."""
+    done, fut = _new_future()
+    work = comm.run_async(functools.partial(_naming_bucket, index, fn))
+    state._works.append(work)
+    _complete(done, work, grads)
+    return fut
+
+
+def _naming_bucket(index, fn) -> None:
+    """``fn()``, its fmcomm errors naming the bucket (type and fields kept)."""
+    try:
+        fn()
+    except FmcommError as e:
+        if e.args and isinstance(e.args[0], str) and "fmcomm.ddp" not in e.args[0]:
+            e.args = (f"fmcomm.ddp bucket {index}: {e.args[0]}",) + e.args[1:]
+        raise
+
+
+def _end_of_backward(state: "HookState", comm, compressing: bool) -> None:
+    """At the last bucket of a backward pass: the held buckets, the step's bookkeeping,
+    and the wait that brings this step's errors to ``backward()``."""
+    if state._positions is None:
+        state._first_backward_done()
+    if state._held:
+        held, state._held = state._held, []
+        dtype_of = {pos: h.grads for h in held for pos, _, _ in h.entries}
+        targets = []
+        for key in (k for k in state._resume_keys if k not in state._coded_now):
+            first = state._layouts[key][0]
+            if first not in dtype_of:
+                raise InvalidArgument(f"fmcomm.ddp: rank {comm.rank}: the checkpoint's buckets hold other "
+                                      f"parameters than this model's buckets (was it made on another model?)")
+            nbytes = sum(state._numels[i] for i in state._layouts[key]) * dtype_of[first].element_size()
+            # Routed here, on the backward's thread: a route may make a group, which the worker cannot.
+            target, spec, _, _ = _route_of(state, comm, nbytes)
+            targets.append((key, target, spec))
+            state._coded_now.append(key)
+        work = comm.run_async(functools.partial(_naming_bucket, "regroup", functools.partial(
+            _regroup, state, comm, held, targets)))
+        state._works.append(work)
+        for h in held:
+            _complete(h.done, work, h.grads)
+    if compressing:
+        state._last_keys = list(state._coded_now)
+        if state._route_text is None:
+            _report_routes(state)
+    else:
+        state._last_keys = []
+    state._coded_now = []
+    state._resume_keys = None
+    if not compressing:
+        state._warm_up_text = "\n".join(state._routes)
+    state._routes = []
+    works, state._works = state._works, []
+    state.step += 1
+    if works:
+        _at_backward_end(functools.partial(_raise_at_backward_end, works))
+
+
+def _raise_at_backward_end(works) -> None:
+    """Wait for this backward's fmcomm work; its first error reaches ``backward()`` with its type."""
+    for work in works:
+        work.wait()
+
+
+def _report_routes(state: "HookState") -> None:
+    """Log once, at the first compressing step, how each bucket travels."""
+    text = "\n".join(state._routes)
+    state._route_text = text
+    compressed = [r for r in state._routes if "uncompressed" not in r]
+    if state.communicator().rank != 0:
+        return
+    if not compressed:
+        log.warning("fmcomm.ddp: compress=%r compresses no bucket of this model: every bucket is below "
+                    "compress_min_bytes=%d (largest %.2f MiB); pass compress_min_bytes=0 (or a smaller "
+                    "bound) to compress them\n%s", state.compress, state.compress_min_bytes,
+                    max((_bytes_of(r) for r in state._routes), default=0.0), text)
+    else:
+        log.info("fmcomm.ddp: step %d, compress=%r: how each bucket travels\n%s", state.step, state.compress, text)
+
+
+def _bytes_of(route: str) -> float:
+    return float(route.split(" parameters, ")[1].split(" MiB")[0])
 
 
 def _reduce(comm, grads: torch.Tensor, slices, spec, state: "HookState", key, agree) -> None:
@@ -327,9 +548,40 @@ def _reduce(comm, grads: torch.Tensor, slices, spec, state: "HookState", key, ag
         at += n
 
 
+def _regroup(state: "HookState", comm, held: "list[_Held]", targets: list) -> None:
+    """Average the held buckets' values as the checkpointed run's buckets held them.
+
+    A resumed process's first step has DDP's buckets of before its rebuild, which
+    group the parameters otherwise than the checkpointed step did; the residuals
+    (and, for every compressor, the chunks each rank owns) belong to the old
+    grouping. So each of the checkpoint's ``targets`` (key, communicator, spec; in
+    its bucket order) is gathered from the held buckets, averaged under its key, and
+    scattered back.
+    """
+    where = {pos: (h.grads, off, n) for h in held for pos, off, n in h.entries}
+    wanted = [pos for key, _, _ in targets for pos in state._layouts[key]]
+    if sorted(wanted) != sorted(where):
+        raise InvalidArgument(f"fmcomm.ddp: rank {comm.rank}: the checkpoint's buckets hold other parameters "
+                              f"than this model's buckets (was it made on another model?)")
+    for key, target, spec in targets:
+        parts = [where[pos] for pos in state._layouts[key]]
+        values = torch.cat([g[o:o + n] for g, o, n in parts])
+        agree = (key, spec.text if spec is not None else "none", values.numel(), str(values.dtype),
+                 target is state._small)
+        if agree not in state._agreed:
+            _agree(comm, agree)
+            state._agreed.add(agree)
+        _average(target, values, spec, state, key)
+        at = 0
+        for g, o, n in parts:
+            g[o:o + n].copy_(values[at:at + n])
+            at += n
+
+
 def _average(comm, t: torch.Tensor, spec, state: "HookState", key, async_op: bool = False):
     """The average of ``t`` over the ranks, compressed by ``spec`` (None: uncompressed)."""
-    return comm.all_reduce(t, op="avg", compress=spec, state=state.error_feedback, key=key, async_op=async_op)
+    return comm.all_reduce(t, op="avg", compress=spec, state=state.error_feedback if spec is not None else None,
+                           key=key if spec is not None else None, async_op=async_op)
 
 
 def _agree(comm, agree: tuple) -> None:
@@ -346,13 +598,23 @@ def _agree(comm, agree: tuple) -> None:
 
 
 def register(ddp_model, compress: str = "none", start_iter: int = 10, process_group=None, *,
-             compress_min_bytes: int = DEFAULT_COMPRESS_MIN_BYTES) -> HookState:
-    """Register fmcomm's hook on ``ddp_model`` and return its state."""
+             compress_min_bytes: int = DEFAULT_COMPRESS_MIN_BYTES, state: "HookState | None" = None) -> HookState:
+    """Register fmcomm's hook on ``ddp_model`` and return its state.
+
+    ``state``: a state to go on with (unpickled, say) instead of a new one; the other
+    settings are then its own. fmcomm's communicators are released when the model is
+    collected or the interpreter exits, or earlier by ``state.close()``.
+    """
     if not isinstance(ddp_model, torch.nn.parallel.DistributedDataParallel):
         raise InvalidArgument(f"fmcomm.ddp.register needs a DistributedDataParallel model, got "
                               f"{type(ddp_model).__name__}")
     group = process_group if process_group is not None else getattr(ddp_model, "process_group", None)
-    state = HookState(group, compress=compress, start_iter=start_iter, compress_min_bytes=compress_min_bytes)
-    state._param_index = {id(p): i for i, p in enumerate(ddp_model.module.parameters())}
+    if state is None:
+        state = HookState(group, compress=compress, start_iter=start_iter, compress_min_bytes=compress_min_bytes)
+    elif not isinstance(state, HookState):
+        raise InvalidArgument(f"fmcomm.ddp.register: state must be a HookState, got {type(state).__name__}")
+    else:
+        state.process_group = group
     ddp_model.register_comm_hook(state, hook)
+    weakref.finalize(ddp_model, state.close)
     return state

@@ -75,8 +75,10 @@ class Transport(abc.ABC):
         from ..errors import UnsupportedError
         raise UnsupportedError(f"the {self.name} transport has no native all-to-all")
 
-    def subgroup(self, ranks: Sequence[int]) -> "Transport | None":
-        """A transport over ``ranks`` of this one (None on ranks outside); every rank calls it."""
+    def subgroup(self, ranks: Sequence[int], timeout: float = 300.0) -> "Transport | None":
+        """A transport over ``ranks`` of this one (None on ranks outside); every rank calls it.
+
+        ``timeout``: seconds the members may take to meet, where the engine can bound it."""
         from ..errors import UnsupportedError
         raise UnsupportedError(f"the {self.name} transport cannot make sub-groups")
 

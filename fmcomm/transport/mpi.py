@@ -138,7 +138,8 @@ class MPITransport(Transport):
         send = MPI.IN_PLACE if inp.data_ptr() == out.data_ptr() else [self.byte_view(inp), inp.numel(), mpi_type]
         return self.comm.Iallreduce(send, recv, self._ops["sum" if op == "avg" else op])
 
-    def subgroup(self, ranks):
+    def subgroup(self, ranks, timeout: float = 300.0):
+        # MPI_Comm_split has no timeout of its own: a rank that never joins holds it.
         index = {r: i for i, r in enumerate(ranks)}
         color = 0 if self.rank in index else MPI.UNDEFINED
         part = self.comm.Split(color, index.get(self.rank, 0))

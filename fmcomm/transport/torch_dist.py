@@ -5,6 +5,7 @@ Runs over a process group the caller made (or the default group). Waits use
 """
 from __future__ import annotations
 
+import collections
 import datetime
 import time
 from typing import Any, Sequence
@@ -13,25 +14,64 @@ import torch
 import torch.distributed as dist
 
 from ..dtypes import DType
-from ..errors import InitError, UnsupportedError
+from ..errors import CommTimeoutError, InitError, TransportError, UnsupportedError
 from .base import Transport
 
 _OPS = {"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.SUM, "prod": dist.ReduceOp.PRODUCT,
         "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
 
 
+# Groups made so far from each group (by its store prefix) in this process. Every rank
+# of a group makes its groups in the same order, so the counts agree across ranks.
+_MADE: "collections.Counter[str]" = collections.Counter()
+
+
 class TorchTransport(Transport):
+    """Point to point and the engine's collectives over one torch.distributed group.
+
+    ``group`` is a process group the caller made (None: the default group); the
+    transport only borrows it. :meth:`private` and :meth:`subgroup` make groups of
+    fmcomm's own instead, which only fmcomm sends on (see :func:`private_backend`).
+    Ranks are always the group's own (0 .. world-1).
+    """
     name = "torch"
 
-    def __init__(self, group=None):
+    def __init__(self, group=None, *, _backend=None, _prefix: str = "", _store=None):
         if not dist.is_available() or not dist.is_initialized():
             raise InitError("transport 'torch' needs an initialized torch.distributed process group")
         self.group = group
-        self.rank = dist.get_rank(group)
-        self.world = dist.get_world_size(group)
-        self.backend = str(dist.get_backend(group)).lower()
-        # Group-relative ranks are what schedules use; torch p2p wants global ranks.
-        self._global = [dist.get_global_rank(group, r) if group is not None else r for r in range(self.world)]
+        if _backend is None:
+            self._pg = group if group is not None else dist.distributed_c10d._get_default_group()
+            self.backend = str(dist.get_backend(group)).lower()
+            self._store = _group_store(self._pg)
+            self._prefix = f"fmcomm/{_group_name(self._pg)}"
+        else:
+            self._pg, self.backend, self._store, self._prefix = _backend, str(_backend.name()).lower(), _store, _prefix
+        self._owned = _backend is not None
+        self.rank, self.world = self._pg.rank(), self._pg.size()
+
+    @classmethod
+    def private(cls, group=None, timeout: float = 300.0, purpose: str = "private") -> "TorchTransport":
+        """A transport over a new group of the same ranks as ``group``, for fmcomm's traffic alone.
+
+        Every rank of ``group`` calls it, in the same order; the ranks meet through the
+        group's own store within ``timeout`` seconds (ranks outside ``group`` take no part).
+        """
+        parent = cls(group)
+        return parent._derived(list(range(parent.world)), timeout, purpose)
+
+    def _derived(self, ranks, timeout: float, purpose: str) -> "TorchTransport | None":
+        # Numbered per parent group and process, not per transport object: two hooks'
+        # private groups over one process group must meet under different names.
+        _MADE[self._prefix] += 1
+        serial = _MADE[self._prefix]
+        if self.rank not in ranks:
+            return None
+        prefix = f"{self._prefix}/{purpose}{serial}-{'.'.join(map(str, ranks))}"
+        store = dist.PrefixStore(prefix + "/", self._store)
+        backend = private_backend(self.backend, store, ranks.index(self.rank), len(ranks), timeout,
+                                  f"rank {self.rank}: {purpose} group of ranks {ranks}")
+        return TorchTransport(self.group, _backend=backend, _prefix=prefix, _store=self._store)
 
     def byte_view(self, t: torch.Tensor) -> Any:
         on_gpu = t.device.type == "cuda"
@@ -42,10 +82,10 @@ class TorchTransport(Transport):
         return t.view(torch.uint8)
 
     def isend(self, peer: int, buf: Any, tag: int) -> Any:
-        return dist.isend(buf, self._global[peer], group=self.group, tag=tag)
+        return self._pg.send([buf], peer, tag)
 
     def irecv(self, peer: int, buf: Any, tag: int) -> Any:
-        return dist.irecv(buf, self._global[peer], group=self.group, tag=tag)
+        return self._pg.recv([buf], peer, tag)
 
     def wait(self, requests: Sequence[Any], deadline: float) -> bool:
         for work in requests:
@@ -64,23 +104,58 @@ class TorchTransport(Transport):
         return collective == "all_to_all" or (collective == "all_reduce" and op in _OPS)
 
     def native_all_to_all(self, inp, out, send_counts, recv_counts) -> Any:
+        if hasattr(self._pg, "alltoall_base"):
+            return self._pg.alltoall_base(out, inp, list(recv_counts), list(send_counts))
         return dist.all_to_all_single(out, inp, output_split_sizes=list(recv_counts),
                                       input_split_sizes=list(send_counts), group=self.group, async_op=True)
 
     def native_all_reduce(self, inp: torch.Tensor, out: torch.Tensor, dtype: DType, op: str) -> Any:
         if inp.data_ptr() != out.data_ptr():
             out.copy_(inp)
-        return dist.all_reduce(out, op=_OPS[op], group=self.group, async_op=True)
+        return self._pg.allreduce([out], _OPS[op])
 
-    def subgroup(self, ranks):
-        # torch.distributed.new_group must be called by every process of the default
-        # group, members or not; fmcomm's new_group is called by every rank of this one,
-        # which is the default group when this transport runs on it.
-        group = dist.new_group([self._global[r] for r in ranks])
-        return TorchTransport(group) if self.rank in ranks else None
+    def subgroup(self, ranks, timeout: float = 300.0):
+        # Made by the members alone, through this group's store: unlike
+        # torch.distributed.new_group, ranks outside take no part, and creation is
+        # bounded by ``timeout``.
+        return self._derived(list(ranks), timeout, "sub")
 
     def close(self) -> None:
-        pass  # the process group belongs to the caller
+        # Only the groups fmcomm made are fmcomm's to drop; the caller's stays theirs.
+        if self._owned and self._pg is not None:
+            self._pg = None
+
+
+def _group_store(pg):
+    """The store ``pg``'s ranks met through (the default store for the default group)."""
+    store = pg.get_group_store() if hasattr(pg, "get_group_store") else None
+    return store if store is not None else dist.distributed_c10d._get_default_store()
+
+
+def _group_name(pg) -> str:
+    return str(getattr(pg, "group_name", "") or "default")
+
+
+def private_backend(backend: str, store, rank: int, size: int, timeout: float, what: str):
+    """A gloo or NCCL group of ``size`` ranks meeting through ``store``, made within ``timeout``.
+
+    Failures come back typed: a rank that never joins is a ``CommTimeoutError``, a
+    store that went away (its host rank died) a ``TransportError``.
+    """
+    span = datetime.timedelta(seconds=timeout)
+    try:
+        if "nccl" in backend:
+            opts = dist.ProcessGroupNCCL.Options()
+            opts._timeout = span
+            return dist.ProcessGroupNCCL(store, rank, size, opts)
+        return dist.ProcessGroupGloo(store, rank, size, span)
+    except (RuntimeError, OSError) as e:  # gloo: "connectFullMesh failed"; store: DistNetworkError (a RuntimeError)
+        text = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "timeout" in str(e).lower() or "timed out" in str(e).lower() or "connectFullMesh" in str(e):
+            raise CommTimeoutError(f"{what}: not every rank joined within {timeout:g} s ({text})",
+                                   rank=rank, op="new_group") from e
+        raise TransportError(f"{what}: torch.distributed failed while making the group: {text}",
+                             rank=rank, op="new_group") from e
 
 
 def init_default_group(rank: int, world: int, device: str = "cpu", timeout_s: float = 300.0,

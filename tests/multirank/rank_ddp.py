@@ -237,10 +237,13 @@ def main():
         # close() releases fmcomm's communicators and keeps the residuals: the next
         # bucket makes new ones, and the run goes on exactly as if nothing happened.
         _, _, _, straight, _ = train("onebit@inter", 6)
-        _, _, state, closed, _ = train("onebit@inter", 6, close_after=3)
+        model, _, state, closed, _ = train("onebit@inter", 6, close_after=3)
         differ = [i for i, (a, b) in enumerate(zip(closed, straight)) if a != b]
-        return {"ok": not differ and state._comm is not None, "first_differing_step": differ[0] if differ else None,
-                "hash": straight[-1]}
+        reopened = state._comm is not None
+        del model  # a model collected takes its hook's communicators with it
+        released = state._comm is None
+        return {"ok": not differ and reopened and released, "first_differing_step": differ[0] if differ else None,
+                "released_with_the_model": released, "hash": straight[-1]}
     case("state/closed_and_reopened", closed_and_reopened)
 
     def small_buckets_uncompressed():
