@@ -1,4 +1,4 @@
-"""``fmcomm`` command line: ``fmcomm bench ...`` and ``fmcomm info``.
+"""``fmcomm`` command line: ``fmcomm bench ...``, ``fmcomm topo``, ``fmcomm simulate`` and ``fmcomm info``.
 
 The commands only parse arguments and call the library; all logic lives in the
 package. ``fmcomm bench -n N`` outside a launcher starts N local ranks itself through
@@ -101,8 +101,24 @@ def main(argv: list[str] | None = None) -> int:
 
     sub.add_parser("info", help="what this installation has: native kernels, MPI, gloo/NCCL, launcher")
 
+    t = sub.add_parser("topo", help="the detected topology (or a preset/machine file): levels, ranks per node, "
+                                    "alpha/beta per level, NICs, GPUs")
+    t.add_argument("-n", "--nranks", type=int, default=None, help="start this many local ranks through mpiexec")
+    t.add_argument("--topology", default=None,
+                   help="describe this preset (e.g. dgx-h100) or machine file instead of detecting; no job")
+    t.add_argument("--nodes", type=int, default=None, help="with --topology: this many of its nodes")
+    t.add_argument("--probe", action="store_true", help="measure alpha/beta per level and the kernel rates "
+                                                        "(a collective: a second or so)")
+    t.add_argument("--repeats", type=int, default=5, help="probe repeats (the spread is over them)")
+    t.add_argument("--dump", default=None, metavar="FILE", help="write the topology as a machine file")
+    t.add_argument("--notes", action="store_true", help="print where each figure came from")
+    t.add_argument("--explain", nargs=2, default=None, metavar=("OP", "SIZE"),
+                   help="what the cost model predicts for each candidate algorithm of OP at SIZE bytes")
+
     args = p.parse_args(argv)
     try:
+        if args.cmd == "topo":
+            return _topo(args, argv)
         if args.cmd == "info":
             from .api import info
             print(json.dumps(info(), indent=2))
@@ -127,6 +143,50 @@ def main(argv: list[str] | None = None) -> int:
     except FmcommError as e:
         print(f"fmcomm: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _native_paths() -> dict[str, str]:
+    from .api import info
+    from .compression import cuda_kernels
+    d = info()
+    return {"cpu kernels": "built" if d["native_kernels"] else "torch fallback",
+            "cuda kernels": "loaded" if cuda_kernels.available() else "no",
+            "mpi": "yes" if d["mpi4py"] else "no", "gloo": "yes" if d["gloo"] else "no",
+            "nccl": "yes" if d["nccl"] else "no"}
+
+
+def _topo(args, argv: list[str]) -> int:
+    from . import topology
+    from .topology import describe, presets
+    if args.topology is not None:
+        topo = presets.load(args.topology)
+        if args.nodes:
+            topo = presets.resize(topo, args.nodes)
+        is_root = True
+    else:
+        here = launch.detect()
+        if args.nranks is not None and here.launcher == "none" and args.nranks > 1:
+            return _relaunch(args.nranks, _strip_n(argv))
+        from .api import finalize, init
+        comm = init()
+        topo = comm.topology
+        if args.probe:
+            from .topology.probe import probe
+            topo = probe(comm.transport, topo, repeats=args.repeats, timeout=comm.config.timeout)
+        is_root = comm.rank == 0
+        finalize()
+    if not is_root:
+        return 0
+    print(describe.describe(topo, _native_paths() if args.topology is None else None, notes=args.notes))
+    if args.explain:
+        from .tuning.explain import explain
+        op, size = args.explain
+        print(explain(topo, op, _size(size)))
+    if args.dump:
+        source = "preset" if args.topology is not None else "detected"
+        topology.dump(topo, args.dump, node_source=source)
+        print(f"written: {args.dump}")
     return 0
 
 
