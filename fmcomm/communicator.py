@@ -439,6 +439,11 @@ class Communicator:
         (a torch.distributed group stays its owner's)."""
         try:
             self._drain()
+        except FmcommError:
+            # After a failure the failed call's error went to whoever waited for it;
+            # close() only releases.
+            if self._failed is None:
+                raise
         finally:
             if self._worker is not None:
                 self._worker.shutdown(wait=True)

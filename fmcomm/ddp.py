@@ -126,7 +126,9 @@ class HookState:
         self.group_buckets = 0  # buckets handed to the process group's own all-reduce (one node, uncompressed)
         self.error_feedback = error_feedback if error_feedback is not None else ErrorFeedback()
         self._layouts: dict[str, list[int]] = {}  # error-feedback key -> parameter positions in coding order
-        self._last_keys: list[str] = []  # keys coded in the last compressing step, in bucket order
+        # The last step's buckets as summed: (key, parameter positions in the order
+        # summed), in bucket order. A resumed run's first step sums as they did.
+        self._last_step: "list[tuple[str, list[int]]]" = []
         self._numels: list[int] = []  # element count of each parameter position
         self._reset_process_local()
 
@@ -140,21 +142,22 @@ class HookState:
         self._learning_numels: dict[int, int] = {}  # position -> element count, while the first backward runs
         self._agreed: set = set()  # (key, spec, count, dtype, on the second communicator) every rank confirmed
         self._lock = threading.Lock()
-        self._coded_now: list[str] = []  # keys coded in this backward so far
+        self._summed_now: "list[tuple[str, list[int]]]" = []  # this backward's buckets so far, as summed
         self._held: list[_Held] = []
         self._works: list = []  # this backward's fmcomm work, waited for at its end
         self._routes: list[str] = []  # this backward's buckets, how each travels (for summary())
         self._route_text: "str | None" = None  # the first compressing step's routes, kept for summary()
         self._warm_up_text: "str | None" = None  # the last uncompressed step's routes
-        # Keys a checkpoint's last step coded: the first step after a load codes the
-        # same sets of parameters, whatever buckets this process's DDP hands over.
-        self._resume_keys: "list[str] | None" = list(self._last_keys) if self._last_keys else None
+        # The checkpoint's last step (key -> order), while the first step after a load
+        # runs: it sums the same sets of parameters in the same order, whatever buckets
+        # this process's DDP hands over.
+        self._resume: "dict[str, list[int]] | None" = dict(self._last_step) if self._last_step else None
         _LIVE.add(self)
 
     # ------------------------------------------------------------- pickling
     def __getstate__(self) -> dict[str, Any]:
         keep = ("process_group", "compress", "start_iter", "compress_min_bytes", "step", "group_buckets",
-                "error_feedback", "_layouts", "_last_keys", "_numels")
+                "error_feedback", "_layouts", "_last_step", "_numels")
         d = {k: self.__dict__[k] for k in keep}
         d["process_group"] = None  # a process group does not pickle; the unpickled state uses the default group
         return d
@@ -169,7 +172,7 @@ class HookState:
         ``weights_only=True``."""
         return {"format": STATE_FORMAT, "step": self.step, "compress": self.compress,
                 "start_iter": self.start_iter, "error_feedback": self.error_feedback.state_dict(),
-                "layouts": {k: list(v) for k, v in self._layouts.items()}, "last_keys": list(self._last_keys),
+                "layouts": {k: list(v) for k, v in self._layouts.items()}, "last_step": [[k, list(o)] for k, o in self._last_step],
                 "numels": list(self._numels)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -190,9 +193,13 @@ class HookState:
                 for k, v in layouts.items()):
             raise InvalidArgument("HookState.load_state_dict: 'layouts' must map str keys to lists of "
                                   "parameter positions")
-        last = list(state.get("last_keys", []))
-        if any(k not in layouts for k in last):
-            raise InvalidArgument("HookState.load_state_dict: 'last_keys' names a key without a layout")
+        last = state.get("last_step", [])
+        if not isinstance(last, (list, tuple)) or not all(
+                isinstance(e, (list, tuple)) and len(e) == 2 and isinstance(e[0], str)
+                and isinstance(e[1], (list, tuple)) and all(isinstance(i, int) for i in e[1]) for e in last):
+            raise InvalidArgument("HookState.load_state_dict: 'last_step' must list [key, parameter positions] "
+                                  "pairs")
+        last = [(k, list(o)) for k, o in last]
         numels = [int(n) for n in state.get("numels", [])]
         if self._positions is not None and numels and numels != self._numels:
             raise InvalidArgument("HookState.load_state_dict: the checkpoint's parameters differ from this "
@@ -200,9 +207,9 @@ class HookState:
         self.step = int(state["step"])
         self.error_feedback.load_state_dict(state["error_feedback"])
         self._layouts = {k: list(v) for k, v in layouts.items()}
-        self._last_keys = last
+        self._last_step = last
         self._numels = numels or self._numels
-        self._resume_keys = list(last) if last else None
+        self._resume = dict(last) if last else None
         self._agreed = set()  # every rank loads: every rank confirms its buckets afresh
 
     def close(self) -> None:
@@ -311,13 +318,19 @@ class HookState:
 _LIVE: "weakref.WeakSet[HookState]" = weakref.WeakSet()
 
 
+def _close_quietly(state: "HookState") -> None:
+    """close() where nobody is left to hear of an earlier failure (the model collected,
+    the interpreter exiting): that failure was raised to the caller when it happened."""
+    try:
+        state.close()
+    except Exception:  # noqa: BLE001
+        log.debug("fmcomm.ddp: closing a hook state failed", exc_info=True)
+
+
 @atexit.register
 def _close_live_states() -> None:
     for state in list(_LIVE):
-        try:
-            state.close()
-        except Exception:  # noqa: BLE001 - at exit, a failed peer must not stop the others' release
-            log.debug("fmcomm.ddp: closing a hook state at exit failed", exc_info=True)
+        _close_quietly(state)
 
 
 def _membership_key(entries) -> str:
@@ -366,35 +379,33 @@ def hook(state: "HookState", bucket) -> torch.futures.Future[torch.Tensor]:
         entries = state._entries(bucket)
         comm = state.communicator()
         compressing = state.step >= state.start_iter and state.spec().enabled
-        if compressing:
-            fut = _compressed_bucket(state, comm, bucket.index(), grads, entries)
+        key, order = _membership_key(entries), [i for i, _, _ in entries]
+        if state._resume is not None and state._resume.get(key) != order:
+            # The first step after a load, with DDP's buckets of before its rebuild:
+            # held until the backward ends, then summed as the checkpointed run summed.
+            done, fut = _new_future()
+            state._held.append(_Held(grads, entries, done))
+            state._routes.append(_route(bucket.index(), entries, grads, "held for the checkpoint's buckets",
+                                        "first step of a resumed run"))
+        elif compressing:
+            fut = _compressed_bucket(state, comm, bucket.index(), grads, entries, key, order)
         else:
-            fut = _uncompressed_bucket(state, comm, bucket.index(), grads, entries)
+            fut = _uncompressed_bucket(state, comm, bucket.index(), grads, entries, key, order)
         if bucket.is_last():
             _end_of_backward(state, comm, compressing)
     return fut
 
 
-def _uncompressed_bucket(state: "HookState", comm, index: int, grads: torch.Tensor, entries):
-    """Warm-up steps and ``compress="none"``."""
+def _uncompressed_bucket(state: "HookState", comm, index: int, grads: torch.Tensor, entries, key, order):
+    """Warm-up steps and ``compress="none"``: summed as DDP lays the bucket out."""
     why = "compress='none'" if not state.spec().enabled else f"warm-up: step {state.step} < start_iter"
-    agree = (f"bucket{index}", "none", grads.numel(), str(grads.dtype), False)
+    state._summed_now.append((key, order))
+    agree = (key, "none", grads.numel(), str(grads.dtype), False)
     if state.hands_uncompressed_to_group():
         state._routes.append(_route(index, entries, grads, "uncompressed, the process group's all-reduce", why))
-        # One node, uncompressed: the process group's own asynchronous all-reduce
-        # (as PyTorch's allreduce_hook), no hop through fmcomm's worker thread.
-        if agree not in state._agreed:
-            # First sight: every rank confirms the bucket on fmcomm's own group (this
-            # thread waits, once per bucket and setting), so that every all-reduce on
-            # the model's group leaves from this thread, in bucket order on every rank.
-            comm.run_async(functools.partial(_agree, comm, agree)).wait()
-            state._agreed.add(agree)
-        # Scaled as DDP's own reducer scales a bucket (times 1/world, not divided by
-        # world): "none" on one node is then plain DDP, bit for bit.
-        grads.mul_(1.0 / comm.world)
+        _agree_here(state, comm, agree)
         state.group_buckets += 1
-        return dist.all_reduce(grads, group=state.process_group, async_op=True).get_future().then(
-            lambda f: f.value()[0])
+        return _group_average(state, comm, grads)
     state._routes.append(_route(index, entries, grads, "uncompressed, fmcomm's all-reduce", why))
     first = agree not in state._agreed
     state._agreed.add(agree)
@@ -402,16 +413,26 @@ def _uncompressed_bucket(state: "HookState", comm, index: int, grads: torch.Tens
                                                               agree if first else None))
 
 
-def _compressed_bucket(state: "HookState", comm, index: int, grads: torch.Tensor, entries):
-    key = _membership_key(entries)
-    if state._resume_keys is not None and key not in state._resume_keys:
-        # The first step after a load, with DDP's buckets of before its rebuild: held
-        # until the backward ends, then coded as the checkpointed run coded them.
-        done, fut = _new_future()
-        state._held.append(_Held(grads, entries, done))
-        state._routes.append(_route(index, entries, grads, "held for the checkpoint's layout", "resumed run"))
-        return fut
-    order = [i for i, _, _ in entries]
+def _agree_here(state: "HookState", comm, agree) -> None:
+    """First sight of a bucket on the process group's path: every rank confirms it on
+    fmcomm's own group, and this thread waits (once per bucket and setting), so that
+    every all-reduce on the model's group leaves from this thread, in bucket order."""
+    if agree not in state._agreed:
+        comm.run_async(functools.partial(_agree, comm, agree)).wait()
+        state._agreed.add(agree)
+
+
+def _group_average(state: "HookState", comm, values: torch.Tensor):
+    """The process group's own asynchronous all-reduce of ``values`` (one node,
+    uncompressed, as PyTorch's allreduce_hook), scaled as DDP's own reducer scales a
+    bucket (times 1/world, not divided by world): "none" on one node is then plain
+    DDP, bit for bit. Returns a future of ``values``."""
+    values.mul_(1.0 / comm.world)
+    return dist.all_reduce(values, group=state.process_group, async_op=True).get_future().then(
+        lambda f: f.value()[0])
+
+
+def _compressed_bucket(state: "HookState", comm, index: int, grads: torch.Tensor, entries, key, order):
     coded = state._layouts.setdefault(key, order)
     slices = None
     if coded != order:
@@ -419,7 +440,7 @@ def _compressed_bucket(state: "HookState", comm, index: int, grads: torch.Tensor
         # order, which the residuals and the chunks' owners follow.
         position = {i: r for r, i in enumerate(coded)}
         slices = sorted(entries, key=lambda e: position[e[0]])
-    state._coded_now.append(key)
+    state._summed_now.append((key, list(coded)))
     target, spec, how, why = _route_of(state, comm, grads.numel() * grads.element_size())
     state._routes.append(_route(index, entries, grads, how, why))
     agree = (key, spec.text if spec is not None else "none", grads.numel(), str(grads.dtype), target is state._small)
@@ -446,7 +467,7 @@ def _route(index: int, entries, grads: torch.Tensor, how: str, why: str) -> str:
             f"{how}" + (f" ({why})" if why else ""))
 
 
-def _submit(state: "HookState", comm, index: int, grads: torch.Tensor, fn):
+def _submit(state: "HookState", comm, index, grads: torch.Tensor, fn):
     """Run ``fn`` on ``comm``'s worker; the returned future completes with ``grads``."""
     done, fut = _new_future()
     work = comm.run_async(functools.partial(_naming_bucket, index, fn))
@@ -471,32 +492,12 @@ def _end_of_backward(state: "HookState", comm, compressing: bool) -> None:
     if state._positions is None:
         state._first_backward_done()
     if state._held:
-        held, state._held = state._held, []
-        dtype_of = {pos: h.grads for h in held for pos, _, _ in h.entries}
-        targets = []
-        for key in (k for k in state._resume_keys if k not in state._coded_now):
-            first = state._layouts[key][0]
-            if first not in dtype_of:
-                raise InvalidArgument(f"fmcomm.ddp: rank {comm.rank}: the checkpoint's buckets hold other "
-                                      f"parameters than this model's buckets (was it made on another model?)")
-            nbytes = sum(state._numels[i] for i in state._layouts[key]) * dtype_of[first].element_size()
-            # Routed here, on the backward's thread: a route may make a group, which the worker cannot.
-            target, spec, _, _ = _route_of(state, comm, nbytes)
-            targets.append((key, target, spec))
-            state._coded_now.append(key)
-        work = comm.run_async(functools.partial(_naming_bucket, "regroup", functools.partial(
-            _regroup, state, comm, held, targets)))
-        state._works.append(work)
-        for h in held:
-            _complete(h.done, work, h.grads)
-    if compressing:
-        state._last_keys = list(state._coded_now)
-        if state._route_text is None:
-            _report_routes(state)
-    else:
-        state._last_keys = []
-    state._coded_now = []
-    state._resume_keys = None
+        _regroup_held(state, comm, compressing)
+    state._last_step = state._summed_now
+    state._summed_now = []
+    state._resume = None
+    if compressing and state._route_text is None:
+        _report_routes(state)
     if not compressing:
         state._warm_up_text = "\n".join(state._routes)
     state._routes = []
@@ -504,6 +505,90 @@ def _end_of_backward(state: "HookState", comm, compressing: bool) -> None:
     state.step += 1
     if works:
         _at_backward_end(functools.partial(_raise_at_backward_end, works))
+
+
+def _regroup_held(state: "HookState", comm, compressing: bool) -> None:
+    """Sum the held buckets' values as the checkpointed run's last step summed them.
+
+    A resumed process's first step has DDP's buckets of before its rebuild, which
+    group (and order) the parameters otherwise than the checkpointed step did; an
+    all-reduce's rounding, the residuals and the chunks each rank owns all follow
+    the old grouping. So each bucket of the checkpoint's last step not yet summed
+    this step is gathered from the held buckets, averaged as that step averaged it
+    (its key, its route), and scattered back.
+    """
+    held, state._held = state._held, []
+    where = {pos: (h.grads, off, n) for h in held for pos, off, n in h.entries}
+    done_keys = {k for k, _ in state._summed_now}
+    targets = [(k, order) for k, order in state._resume.items() if k not in done_keys]
+    if sorted(p for _, order in targets for p in order) != sorted(where):
+        raise InvalidArgument(f"fmcomm.ddp: rank {comm.rank}: the checkpoint's buckets hold other parameters "
+                              f"than this model's (was it made on another model?)")
+    plans = []  # (key, order, communicator, spec, agreement); routed here: a route may make a group
+    for key, order in targets:
+        first = where[order[0]][0]
+        nbytes = sum(where[p][2] for p in order) * first.element_size()
+        if compressing:
+            target, spec, _, _ = _route_of(state, comm, nbytes)
+            state._layouts.setdefault(key, list(order))
+        else:
+            target, spec = comm, None
+        state._summed_now.append((key, list(order)))
+        plans.append((key, order, target, spec, (key, spec.text if spec is not None else "none",
+                                                 nbytes // first.element_size(), str(first.dtype),
+                                                 target is state._small)))
+    if not compressing and state.hands_uncompressed_to_group():
+        # On the process group, from this thread, in the checkpoint's bucket order.
+        futures, gathered = [], []
+        for key, order, _, _, agree in plans:
+            _agree_here(state, comm, agree)
+            values = _gather(where, order)
+            gathered.append((values, order))
+            futures.append(_group_average(state, comm, values))
+
+        def scatter(f) -> None:
+            for values, order in gathered:
+                _scatter(where, order, values)
+        finished = torch.futures.collect_all(futures).then(scatter)
+        for h in held:
+            finished.add_done_callback(functools.partial(_settle, h.done, h.grads))
+        return
+    work = comm.run_async(functools.partial(_naming_bucket, "of the resumed step", functools.partial(
+        _average_regrouped, state, comm, where, plans)))
+    state._works.append(work)
+    for h in held:
+        _complete(h.done, work, h.grads)
+
+
+def _settle(done, grads: torch.Tensor, f) -> None:
+    try:
+        f.wait()
+    except Exception as e:  # noqa: BLE001 - handed to DDP through the future
+        done.set_exception(e)
+        return
+    done.set_result(grads)
+
+
+def _average_regrouped(state: "HookState", comm, where, plans) -> None:
+    for key, order, target, spec, agree in plans:
+        if agree not in state._agreed:
+            _agree(comm, agree)
+            state._agreed.add(agree)
+        values = _gather(where, order)
+        _average(target, values, spec, state, key)
+        _scatter(where, order, values)
+
+
+def _gather(where, order) -> torch.Tensor:
+    return torch.cat([where[p][0][where[p][1]:where[p][1] + where[p][2]] for p in order])
+
+
+def _scatter(where, order, values: torch.Tensor) -> None:
+    at = 0
+    for p in order:
+        g, o, n = where[p]
+        g[o:o + n].copy_(values[at:at + n])
+        at += n
 
 
 def _raise_at_backward_end(works) -> None:
@@ -548,36 +633,6 @@ def _reduce(comm, grads: torch.Tensor, slices, spec, state: "HookState", key, ag
         at += n
 
 
-def _regroup(state: "HookState", comm, held: "list[_Held]", targets: list) -> None:
-    """Average the held buckets' values as the checkpointed run's buckets held them.
-
-    A resumed process's first step has DDP's buckets of before its rebuild, which
-    group the parameters otherwise than the checkpointed step did; the residuals
-    (and, for every compressor, the chunks each rank owns) belong to the old
-    grouping. So each of the checkpoint's ``targets`` (key, communicator, spec; in
-    its bucket order) is gathered from the held buckets, averaged under its key, and
-    scattered back.
-    """
-    where = {pos: (h.grads, off, n) for h in held for pos, off, n in h.entries}
-    wanted = [pos for key, _, _ in targets for pos in state._layouts[key]]
-    if sorted(wanted) != sorted(where):
-        raise InvalidArgument(f"fmcomm.ddp: rank {comm.rank}: the checkpoint's buckets hold other parameters "
-                              f"than this model's buckets (was it made on another model?)")
-    for key, target, spec in targets:
-        parts = [where[pos] for pos in state._layouts[key]]
-        values = torch.cat([g[o:o + n] for g, o, n in parts])
-        agree = (key, spec.text if spec is not None else "none", values.numel(), str(values.dtype),
-                 target is state._small)
-        if agree not in state._agreed:
-            _agree(comm, agree)
-            state._agreed.add(agree)
-        _average(target, values, spec, state, key)
-        at = 0
-        for g, o, n in parts:
-            g[o:o + n].copy_(values[at:at + n])
-            at += n
-
-
 def _average(comm, t: torch.Tensor, spec, state: "HookState", key, async_op: bool = False):
     """The average of ``t`` over the ranks, compressed by ``spec`` (None: uncompressed)."""
     return comm.all_reduce(t, op="avg", compress=spec, state=state.error_feedback if spec is not None else None,
@@ -616,5 +671,5 @@ def register(ddp_model, compress: str = "none", start_iter: int = 10, process_gr
     else:
         state.process_group = group
     ddp_model.register_comm_hook(state, hook)
-    weakref.finalize(ddp_model, state.close)
+    weakref.finalize(ddp_model, _close_quietly, state)
     return state

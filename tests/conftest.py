@@ -22,8 +22,11 @@ def mpiexec() -> str:
 
 
 def run_ranks(n: int, script: str, *args: str, env: dict | None = None, timeout: float = 300,
-              out_dir: Path) -> list[dict]:
-    """Run tests/multirank/<script> on ``n`` ranks under mpiexec; return each rank's JSON report."""
+              out_dir: Path, clean_exit: bool = False) -> list[dict]:
+    """Run tests/multirank/<script> on ``n`` ranks under mpiexec; return each rank's JSON report.
+
+    ``clean_exit``: the program leaves as a user's does (no ``os._exit``), and every
+    rank must exit 0 without a C++ ``terminate`` on the way out."""
     full_env = dict(os.environ)
     full_env.update({"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     full_env.update(env or {})
@@ -36,7 +39,10 @@ def run_ranks(n: int, script: str, *args: str, env: dict | None = None, timeout:
             raise AssertionError(f"rank {r} wrote no report (exit {proc.returncode})\n"
                                  f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}")
         reports.append(json.loads(f.read_text()))
-    if proc.returncode != 0:
+    if clean_exit:
+        assert proc.returncode == 0 and "terminate called" not in proc.stderr, (
+            f"mpiexec exit {proc.returncode}\nstderr:\n{proc.stderr[-4000:]}")
+    elif proc.returncode != 0:
         # A rank killed after every rank passed the closing barrier (its mark written)
         # ran nothing of the test any more. One such rank was SIGKILLed (exit 9, every
         # report written) in 3 of about 40 runs of 8 ranks here, cause not found.

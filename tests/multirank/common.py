@@ -29,6 +29,14 @@ def parse(extra=None):
     return p.parse_args()
 
 
+def write_report(args, rank: int, report: dict) -> None:
+    """This rank's report, written whole or not at all."""
+    out = Path(args.out)
+    tmp = out / f"rank{rank}.json.tmp"
+    tmp.write_text(json.dumps(report))
+    tmp.rename(out / f"rank{rank}.json")
+
+
 def report_and_exit(args, rank: int, report: dict) -> None:
     """Write this rank's report, wait for every rank, mark it finished, and leave without MPI_Finalize.
 
@@ -36,15 +44,12 @@ def report_and_exit(args, rank: int, report: dict) -> None:
     pending can block, so after the barrier on COMM_WORLD (which fmcomm does not use)
     every rank exits at once.
     """
-    out = Path(args.out)
-    tmp = out / f"rank{rank}.json.tmp"
-    tmp.write_text(json.dumps(report))
-    tmp.rename(out / f"rank{rank}.json")
+    write_report(args, rank, report)
     from mpi4py import MPI
     MPI.COMM_WORLD.Barrier()
     # Past the barrier every rank has written its report and nothing of the test runs
     # any more: the harness reads this mark as "this rank finished" (see run_ranks).
-    (out / f"rank{rank}.finished").touch()
+    (Path(args.out) / f"rank{rank}.finished").touch()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
