@@ -175,7 +175,10 @@ setup(
     if os.path.exists(os.path.join(os.path.dirname(__file__), "README.md")) else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=find_packages(include=["fmcomm", "fmcomm.*"]),
+    # The machine presets live in the top-level topology/ folder and install as fmcomm/_presets/.
+    packages=find_packages(include=["fmcomm", "fmcomm.*"]) + ["fmcomm._presets"],
+    package_dir={"fmcomm._presets": "topology"},
+    package_data={"fmcomm._presets": ["*.json"]},
     install_requires=["torch>=2.1", "numpy"],
     extras_require={
         "mpi": ["mpi4py>=3.1"],

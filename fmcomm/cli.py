@@ -8,6 +8,7 @@ bin/) or on PATH.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -101,6 +102,22 @@ def main(argv: list[str] | None = None) -> int:
 
     sub.add_parser("info", help="what this installation has: native kernels, MPI, gloo/NCCL, launcher")
 
+    sm = sub.add_parser("simulate", help="predict every candidate algorithm's time on a preset or machine file "
+                                         "(the cost model over the real schedules), nccl-tests columns")
+    sm.add_argument("--topology", default=None, help="a preset name (e.g. dgx-h100) or a machine file; "
+                                                     "default: FMCOMM_TOPO_FILE")
+    sm.add_argument("--nodes", type=int, default=None, help="this many of the topology's nodes")
+    sm.add_argument("--op", default="all_reduce", help="the collective (all_reduce, all_gather, reduce_scatter, "
+                                                       "broadcast, reduce, all_to_all, barrier)")
+    sm.add_argument("-b", "--minbytes", type=_size, default=_size("1K"))
+    sm.add_argument("-e", "--maxbytes", type=_size, default=_size("4G"))
+    sm.add_argument("-f", "--stepfactor", type=int, default=2)
+    sm.add_argument("--dtype", default="float32")
+    sm.add_argument("--algo", type=_list, default=(), help="comma list of schedules (default: every one of --op)")
+    sm.add_argument("--json", default=None, help="write every row as one JSON object per line to this file")
+    sm.add_argument("--plot", default=None, help="busbw against size, one line per algorithm, to this PNG "
+                                                 "(needs matplotlib)")
+
     t = sub.add_parser("topo", help="the detected topology (or a preset/machine file): levels, ranks per node, "
                                     "alpha/beta per level, NICs, GPUs")
     t.add_argument("-n", "--nranks", type=int, default=None, help="start this many local ranks through mpiexec")
@@ -119,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "topo":
             return _topo(args, argv)
+        if args.cmd == "simulate":
+            return _simulate(args)
         if args.cmd == "info":
             from .api import info
             print(json.dumps(info(), indent=2))
@@ -154,6 +173,41 @@ def _native_paths() -> dict[str, str]:
             "cuda kernels": "loaded" if cuda_kernels.available() else "no",
             "mpi": "yes" if d["mpi4py"] else "no", "gloo": "yes" if d["gloo"] else "no",
             "nccl": "yes" if d["nccl"] else "no"}
+
+
+def _simulate(args) -> int:
+    import time
+
+    from . import simulator
+    from .dtypes import DTYPES
+    from .topology import presets
+    from .topology.detect import topo_file_setting
+    source = args.topology or topo_file_setting()
+    if not source:
+        print("fmcomm simulate: name a machine with --topology (a preset: " + ", ".join(presets.names())
+              + "; or a machine file), or set FMCOMM_TOPO_FILE", file=sys.stderr)
+        return 2
+    if args.dtype not in DTYPES:
+        print(f"fmcomm simulate: unknown dtype {args.dtype}; choose from {', '.join(DTYPES)}", file=sys.stderr)
+        return 2
+    topo = presets.load(source)
+    if args.nodes:
+        topo = presets.resize(topo, args.nodes)
+    started = time.perf_counter()
+    rows = simulator.predict(topo, args.op, simulator.sizes(args.minbytes, args.maxbytes, args.stepfactor),
+                             DTYPES[args.dtype], list(args.algo) or None)
+    took = time.perf_counter() - started
+    print(simulator.table(rows, topo, f"fmcomm simulate {args.op} --topology {source}"
+                                      + (f" --nodes {args.nodes}" if args.nodes else "")))
+    print(f"# priced in {took:.2f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            for r in rows:
+                f.write(json.dumps({**dataclasses.asdict(r), "topology": topo.name, "ranks": topo.world,
+                                    "nodes": topo.nodes}) + "\n")
+    if args.plot:
+        simulator.plot(rows, topo, args.plot)
+    return 0
 
 
 def _topo(args, argv: list[str]) -> int:

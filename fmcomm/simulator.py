@@ -101,3 +101,104 @@ def simulate(sched: Schedule, inputs: list[np.ndarray], dtype: DType, op: str,
     if op == "avg":
         outs = [finish_avg(o, dtype, world) for o in outs]
     return outs
+
+
+# ---------------------------------------------------------------- pricing at scale
+#
+# The other half of the simulator: what a collective would take on a machine fmcomm
+# will never run on here (a preset of topology/, or a dumped machine file), from the
+# cost model pricing the real schedules (fmcomm.tuning.cost). Thousands of ranks
+# are priced without building every rank's steps: see that module's docstring.
+
+import dataclasses as _dataclasses  # noqa: E402 - the pricing half keeps its imports beside it
+
+
+@_dataclasses.dataclass(frozen=True)
+class SimRow:
+    """One predicted case: an algorithm at a size."""
+    collective: str
+    algo: str
+    nbytes: int
+    count: int
+    dtype: str
+    seconds: float
+    algbw: float    # bytes/s
+    busbw: float    # bytes/s (nccl-tests' factor)
+    picked: bool    # the cost model's choice at this size
+    method: str     # how the schedule was priced
+    exact: bool
+
+
+def sizes(min_bytes: int, max_bytes: int, factor: int = 2) -> list[int]:
+    """min_bytes, min_bytes * factor, ... up to max_bytes (nccl-tests' -b/-e/-f)."""
+    if min_bytes <= 0 or factor < 2 or min_bytes > max_bytes:
+        from .errors import InvalidArgument
+        raise InvalidArgument(f"sizes from {min_bytes} to {max_bytes} by x{factor}: need 0 < -b <= -e and -f >= 2")
+    out, s = [], min_bytes
+    while s <= max_bytes:
+        out.append(s)
+        s *= factor
+    return out
+
+
+def predict(topo, collective: str, byte_sizes: list[int], dtype: DType, algos: list[str] | None = None,
+            root: int = 0) -> list[SimRow]:
+    """Every candidate schedule of ``collective`` priced on ``topo`` at each size, the
+    fastest marked as picked (ties go to the first name in order)."""
+    from .tuning.cost import BUSBW_FACTOR, Pricer, algorithms
+    names = list(algos) if algos else algorithms(collective)
+    ordered = sorted(set(byte_sizes))
+    priced = {a: Pricer(collective, a, topo, dtype.itemsize, root).price_all(ordered) for a in names}
+    rows: list[SimRow] = []
+    for k, nbytes in enumerate(ordered):
+        found = [priced[a][k] for a in names]
+        best = min(range(len(found)), key=lambda i: found[i].seconds)
+        for i, e in enumerate(found):
+            algbw = nbytes / e.seconds if e.seconds > 0 else 0.0
+            rows.append(SimRow(collective, e.algo, nbytes, nbytes // dtype.itemsize, dtype.name, e.seconds, algbw,
+                               algbw * BUSBW_FACTOR[collective](topo.world), i == best, e.method, e.exact))
+    return rows
+
+
+def table(rows: list[SimRow], topo, title: str = "") -> str:
+    """nccl-tests-like columns: size, count, type, algorithm, predicted time, algbw, busbw, pick."""
+    lines = []
+    if title:
+        lines.append(f"# {title}")
+    lines.append(f"# {topo.name or 'topology'}: {topo.world} ranks on {topo.nodes} nodes; predicted by the cost model "
+                 f"(fmcomm.tuning.cost) from the schedules the executor runs")
+    lines.append(f"#{'size':>12} {'count':>12} {'type':>8} {'algo':>20} {'time':>12} {'algbw':>9} {'busbw':>9}  pick")
+    lines.append(f"#{'(B)':>12} {'(elements)':>12} {'':>8} {'':>20} {'(us)':>12} {'(GB/s)':>9} {'(GB/s)':>9}")
+    for r in rows:
+        lines.append(f" {r.nbytes:>12} {r.count:>12} {r.dtype:>8} {r.algo:>20} {r.seconds * 1e6:>12.1f} "
+                     f"{r.algbw / 1e9:>9.3f} {r.busbw / 1e9:>9.3f}  {'*' if r.picked else ''}"
+                     + ("" if r.exact else "  (estimate)"))
+    methods = sorted({(r.algo, r.method.split(";")[0]) for r in rows})
+    lines.append("# how each schedule was priced:")
+    lines += [f"#   {a}: {m}" for a, m in methods]
+    return "\n".join(lines)
+
+
+def plot(rows: list[SimRow], topo, path: str) -> bool:
+    """busbw against size, one line per algorithm, to a PNG; False (with a message) without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        import sys
+        print(f"--plot {path}: matplotlib is not installed (pip install matplotlib); no plot written", file=sys.stderr)
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for algo in sorted({r.algo for r in rows}):
+        mine = [r for r in rows if r.algo == algo]
+        ax.plot([r.nbytes for r in mine], [r.busbw / 1e9 for r in mine], marker=".", label=algo)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("size (bytes)")
+    ax.set_ylabel("predicted busbw (GB/s)")
+    ax.set_title(f"{rows[0].collective} on {topo.name or 'topology'}: {topo.world} ranks, {topo.nodes} nodes")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True

@@ -8,7 +8,7 @@ from .model import Figure, Topology
 
 def rate(bps: float) -> str:
     """Bytes per second in the unit that reads best."""
-    for unit, scale in (("GB/s", 1e9), ("MB/s", 1e6), ("kB/s", 1e3)):
+    for unit, scale in (("TB/s", 1e12), ("GB/s", 1e9), ("MB/s", 1e6), ("kB/s", 1e3)):
         if bps >= scale:
             return f"{bps / scale:.3g} {unit}"
     return f"{bps:.3g} B/s"

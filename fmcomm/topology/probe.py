@@ -26,10 +26,14 @@ import time
 import torch
 
 from ..dtypes import DTYPES
-from ..errors import CommTimeoutError
+from ..errors import CommTimeoutError, TopologyError
 from ..kernels import Reducer
 from ..transport.base import Transport
 from .model import Figure, Kernels, Level, Topology
+
+class ProbeError(TopologyError):
+    """The probes measured nothing usable for a level."""
+
 
 # Above the executor's data and header tags (2 * 8192 + 2), below MPI's guaranteed 32767.
 _TAG_SIZE, _TAG_DATA, _TAG_ACK = 20001, 20002, 20003
@@ -114,12 +118,13 @@ def _pair(link: _Link, peer: int, leader: bool, target_s: float, size: int) -> t
                 size = -size  # found: tell the partner and stop
             elif leader:
                 size *= 2
-    one = _ping_pong(link, peer, leader, size, 3)
-    two = _ping_pong(link, peer, leader, 2 * size, 3)
+    one = _ping_pong(link, peer, leader, size, 5)
+    two = _ping_pong(link, peer, leader, 2 * size, 5)
     if not leader:
         return 0.0, 0.0, size
     slope = (statistics.median(two) - statistics.median(one)) / 2
-    return alpha, size / max(slope, 1e-9), size
+    # A slope at or below zero is noise (a descheduled rank in the S run): no figure.
+    return alpha, size / slope if slope > 0 else float("nan"), size
 
 
 def _shared(link: _Link, transport: Transport, senders: list[int], receivers: list[int], nbytes: int) -> float:
@@ -166,6 +171,7 @@ def _kernel_rates(nbytes: int, repeats: int) -> tuple[list[float], list[float]]:
     n = nbytes // 4
     a, b, out = torch.ones(n), torch.ones(n), torch.empty(n)
     reducer = Reducer(DTYPES["float32"], "sum", use_native=True)
+    reducer(out, a, b)  # first touch of ``out`` (page faults) outside the timing
     reduce_rates, copy_rates = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -179,6 +185,10 @@ def _kernel_rates(nbytes: int, repeats: int) -> tuple[list[float], list[float]]:
 
 
 def _summary(values: list[float]) -> tuple[float, float]:
+    """(median, (max - min) / median) of the repeats that gave a figure (NaN: none did)."""
+    values = [v for v in values if v == v]
+    if not values:
+        return float("nan"), float("nan")
     med = statistics.median(values)
     return med, (max(values) - min(values)) / med if med else 0.0
 
@@ -232,7 +242,8 @@ def probe(transport: Transport, topo: Topology, *, repeats: int = 5, target_s: f
                 n = int(size.item())
                 seconds = [_shared(link, transport, senders, receivers, k * n) for k in (1, 2)]
                 if me == lead:
-                    shared.append(len(senders) * n / max(seconds[1] - seconds[0], 1e-9))
+                    slope = seconds[1] - seconds[0]
+                    shared.append(len(senders) * n / slope if slope > 0 else float("nan"))
         results[name] = (alphas, betas, shared)
     reduce_rates, copy_rates = _kernel_rates(kernel_bytes, repeats)
     # Rank 0 leads every plan; its figures (and each rank's kernel rates) go to everyone.
@@ -250,8 +261,11 @@ def probe(transport: Transport, topo: Topology, *, repeats: int = 5, target_s: f
     levels = []
     for i, name in enumerate(("intra", "inter")):
         a, a_sp, b, b_sp, s, s_sp = figures[6 * i:6 * i + 6]
-        if b <= 0:
+        if b == 0:
             continue  # no pair of ranks for this level in this job
+        if not (b > 0 and s > 0):
+            raise ProbeError(f"topology probe: every repeat of the {name} level was noise (timings that fell "
+                             f"as messages grew); run it again on a quieter machine or with more --repeats")
         how = f"fmcomm topo --probe, {repeats} repeats, median; spread (max-min)/median"
         levels.append(Level(name,
                             Figure(a, "measured", f"half the round trip of 8 bytes; {how}", a_sp),

@@ -209,12 +209,15 @@ def _uniform(topo: Topology) -> Optional[int]:
 
 
 def representatives(collective: str, algo: str, topo: Topology, params: dict,
-                    full_limit: int = 256, trusted: str = "") -> Representatives:
+                    full_limit: int = 256, trusted: str = "") -> Optional[Representatives]:
     """The ranks whose steps price the schedule (see the module docstring).
 
     ``trusted``: a symmetry ("shift", "rotate") this schedule was found to have at
-    another size of the same sweep; it is used without checking again (a schedule's
-    symmetry is a property of the algorithm, not of the count)."""
+    another size of the same sweep; it is checked on fewer ranks (rank 1, and the first
+    rank of node 1 for ``rotate``) - still checked, since at counts below the number
+    of parts some ranks get empty chunks and the symmetry breaks. Where a trusted
+    symmetry does not hold and every rank would have to be built, None: the caller
+    prices that size another way (:class:`Pricer` scales the symmetric profile down)."""
     p = topo.world
     cache: dict[int, Light] = {}
 
@@ -243,19 +246,21 @@ def representatives(collective: str, algo: str, topo: Topology, params: dict,
 
         def node_shift(k: int) -> Callable:
             return lambda q: (q + k * per) % p
-        # 1. derived by symmetry
-        if trusted == "shift" or (not trusted and all(_same(built(r), relabel(first, r, shift(r)))
-                                                      for r in (1, p - 1))):
+        # 1. derived by symmetry (a symmetry found at another size is checked on one rank only)
+        if all(_same(built(r), relabel(first, r, shift(r))) for r in ((1,) if trusted == "shift" else (1, p - 1))):
             light = join([relabel(first, r, shift(r)) for r in range(per)])
             return Representatives(light, "rank 0 built, the others derived by the shift r -> r+1", True, "shift")
         checks = [(r, rotate(r)) for r in (1, per - 1) if 0 < r < per]
         if nodes > 1:
             checks += [(per, node_shift(1)), (p - per, node_shift(nodes - 1))]
-        if trusted == "rotate" or (not trusted and checks and all(_same(built(r), relabel(first, r, sig))
-                                                                  for r, sig in checks)):
+        if trusted == "rotate":
+            checks = checks[:1] + [c for c in checks if c[0] == per]
+        if trusted != "shift" and checks and all(_same(built(r), relabel(first, r, sig)) for r, sig in checks):
             light = join([relabel(first, r, rotate(r)) for r in range(per)])
             return Representatives(light, "rank 0 built, the others derived by rotating local ranks and nodes",
                                    True, "rotate")
+        if trusted and p > full_limit:
+            return None
         # 2. one node for all
         if nodes >= 3 and p > full_limit:
             sample = sorted({0, 1, nodes // 2, nodes - 1})
@@ -265,7 +270,7 @@ def representatives(collective: str, algo: str, topo: Topology, params: dict,
                 return Representatives(groups[0], "node 0 built: nodes 0, 1 and the last carry equal loads", True)
             return Representatives(join(list(groups.values())),
                                    f"estimate: the busiest of nodes {', '.join(map(str, sample))} of {nodes} "
-                                   f"(nodes differ; every rank would take too long)", False)
+                                   f"(nodes differ, and every rank would take too long)", False)
         # 3. every rank
         return every_rank()
     finally:
@@ -393,53 +398,92 @@ def _estimate(collective, algo, world, nbytes, seconds, method, exact) -> Estima
 
 
 class Pricer:
-    """Prices one algorithm over a sweep of sizes up to ``largest`` bytes, building as
-    few profiles as it can.
+    """Prices one algorithm over a sweep of sizes, building as few profiles as it can.
 
-    The profile at ``largest`` is built first. A smaller size's profile that equals it
-    after scaling (every load and all local work in proportion to the count, within
-    ``rtol``: the split's rounding) marks the start of proportional growth, and every
-    size from there up is priced from it, scaled. This assumes that what a schedule's
-    structure depends on changes monotonically with the size (as the pipeline chunks of
-    ``tree`` and ``chain`` do): the same structure at two sizes means the same in between.
+    1. The profile at the largest size is built (symmetry checked in full).
+    2. Proportional growth: the smallest size whose profile equals the largest one's
+       after scaling (every load and all local work in proportion to the count,
+       within ``rtol``: the split's rounding) is found by bisection over the sizes;
+       every size from there up is priced from the largest profile, scaled. This
+       assumes that what a schedule's structure depends on changes monotonically with
+       the size (as the pipeline chunks of ``tree`` and ``chain`` do), so the same
+       structure at two sizes means the same in between.
+    3. Smaller sizes are built one by one, largest first. Where a symmetric schedule
+       stops being symmetric (counts below the number of parts leave some ranks empty
+       chunks) and every rank would have to be built, that size and all below it are
+       priced from the smallest symmetric profile scaled down - an estimate, marked so:
+       the empty messages the real schedule drops are priced as tiny ones, so each
+       round keeps its α.
     """
 
-    def __init__(self, collective: str, algo: str, topo: Topology, largest: int, itemsize: int = 4, root: int = 0,
+    def __init__(self, collective: str, algo: str, topo: Topology, itemsize: int = 4, root: int = 0,
                  full_limit: int = 256, rtol: float = 2e-3):
-        self.collective, self.algo, self.topo, self.largest = collective, algo, topo, largest
+        self.collective, self.algo, self.topo = collective, algo, topo
         self.itemsize, self.root, self.full_limit, self.rtol = itemsize, root, full_limit, rtol
-        self._linear: Optional[tuple[int, Profile]] = None  # (count, profile) from which sizes scale
-        self._top: Optional[tuple[int, Profile]] = None
-        self._symmetry = ""  # found at the largest size, trusted at the others
+        self._symmetry = ""
         self.built = 0
 
-    def _count(self, nbytes: int) -> int:
-        params = schedule_params(self.collective, self.topo.world, nbytes, self.itemsize, self.root)
-        if "counts" in params:
-            return params["counts"][0][0]
-        return params.get("count", 0)
+    def _params(self, nbytes: int) -> dict:
+        return schedule_params(self.collective, self.topo.world, nbytes, self.itemsize, self.root)
 
-    def _build(self, nbytes: int) -> Profile:
-        params = schedule_params(self.collective, self.topo.world, nbytes, self.itemsize, self.root)
+    def _count(self, nbytes: int) -> int:
+        params = self._params(nbytes)
+        return params["counts"][0][0] if "counts" in params else params.get("count", 0)
+
+    def _build(self, nbytes: int) -> Optional[Profile]:
         self.built += 1
-        reps = representatives(self.collective, self.algo, self.topo, params, self.full_limit, self._symmetry)
-        self._symmetry = reps.symmetry
+        reps = representatives(self.collective, self.algo, self.topo, self._params(nbytes), self.full_limit,
+                               self._symmetry)
+        if reps is None:
+            return None
+        self._symmetry = self._symmetry or reps.symmetry
         return profile(reps, self.topo)
 
+    def _estimate(self, nbytes: int, seconds: float, method: str, exact: bool) -> Estimate:
+        return _estimate(self.collective, self.algo, self.topo.world, nbytes, seconds, method, exact)
+
     def price(self, nbytes: int) -> Estimate:
-        if nbytes > self.largest:
-            raise InvalidArgument(f"{nbytes} bytes is beyond this sweep's largest size, {self.largest}")
-        count = self._count(nbytes)
-        if self._linear is not None and count >= self._linear[0]:
-            base, prof = self._linear
-            seconds = prof.seconds(self.itemsize, count / base)
-            how = prof.method + f"; scaled from the profile at {base} elements"
-            return _estimate(self.collective, self.algo, self.topo.world, nbytes, seconds, how, prof.exact)
-        if self._top is None:
-            self._top = (self._count(self.largest), self._build(self.largest))
-        top_count, top = self._top
-        prof = top if count == top_count else self._build(nbytes)
-        if 0 < count < top_count and prof.scaled_equal(top, top_count / count, self.rtol):
-            self._linear = (count, prof)
-        return _estimate(self.collective, self.algo, self.topo.world, nbytes, prof.seconds(self.itemsize),
-                         prof.method, prof.exact)
+        """One size, built at that size."""
+        reps = representatives(self.collective, self.algo, self.topo, self._params(nbytes), self.full_limit)
+        return self._estimate(nbytes, profile(reps, self.topo).seconds(self.itemsize), reps.method, reps.exact)
+
+    def price_all(self, byte_sizes: Sequence[int]) -> list[Estimate]:
+        """Every size of the sweep, in the order given."""
+        order = sorted(set(byte_sizes))
+        largest = order[-1]
+        top = self._build(largest)
+        top_count = self._count(largest)
+        out: dict[int, Estimate] = {largest: self._estimate(largest, top.seconds(self.itemsize), top.method, top.exact)}
+        built: dict[int, Optional[Profile]] = {largest: top}
+
+        def linear(i: int) -> bool:
+            size = order[i]
+            if size not in built:
+                built[size] = self._build(size)
+            prof, count = built[size], self._count(size)
+            return prof is not None and 0 < count and prof.scaled_equal(top, top_count / count, self.rtol)
+        lo, hi = 0, len(order) - 1  # the first linear index is in [lo, hi]; order[-1] is linear by definition
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if linear(mid):
+                hi = mid
+            else:
+                lo = mid + 1
+        for size in order[lo:-1]:
+            out[size] = self._estimate(size, top.seconds(self.itemsize, self._count(size) / top_count),
+                                       top.method + f"; scaled from the profile at {top_count} elements", top.exact)
+        floor: tuple[int, Profile] = (top_count, top)  # the smallest symmetric profile so far
+        broken = False
+        for size in reversed(order[:lo]):
+            prof = None if broken else (built[size] if size in built else self._build(size))
+            if prof is None:
+                broken = True
+                base, ref = floor
+                out[size] = self._estimate(size, ref.seconds(self.itemsize, self._count(size) / base),
+                                           f"estimate: too few elements for every rank to hold a part, so the "
+                                           f"symmetry breaks; scaled down from the profile at {base} elements", False)
+                continue
+            if prof.method.startswith("rank 0 built"):
+                floor = (self._count(size), prof)
+            out[size] = self._estimate(size, prof.seconds(self.itemsize), prof.method, prof.exact)
+        return [out[s] for s in byte_sizes]
