@@ -2,10 +2,13 @@
 
 Every rank calls :func:`probe` (a collective); only some ranks move bytes:
 
-- **intra**: the first two ranks of node 0 ping-pong. α is half the round trip of an
-  8-byte message (median of many); β is one way of a message large enough to take
-  ``target_s`` (the size doubles from 64 KiB until it does), with α taken off.
-- **inter**: the first rank of node 0 and the first rank of node 1, likewise.
+- **α** of a level: half the median round trip of an 8-byte message, with every rank of
+  the job ping-ponging with a partner on that level at the same time (local ranks 2j
+  and 2j+1 of each node; local rank i of nodes 2m and 2m+1), as in a collective's
+  round; where ranks outnumber cores that includes waiting for a core.
+- **β**: the first two ranks of node 0 (intra), the first ranks of nodes 0 and 1
+  (inter): the slope of one-way time between S and 2S bytes, S found by doubling from
+  64 KiB until one way takes ``target_s``.
 - **shared** (``node_bandwidth``): every local rank i of node 0 sends the same large
   message to local rank i of node 1 at once (for intra: every rank of node 0 sends to
   its neighbour on the node); the bytes all of them moved over the time the slowest
@@ -97,15 +100,26 @@ def _agree_size(link: _Link, peer: int, leader: bool, size: int) -> int:
     return int(word.item())
 
 
-def _pair(link: _Link, peer: int, leader: bool, target_s: float, size: int) -> tuple[float, float, int]:
-    """(α seconds, β bytes/s, message size S) between this rank and ``peer``; figures on the leader.
+def _alpha(link: _Link, me: int, pairs: list[tuple[int, int]]) -> float:
+    """Half the median round trip of 8 bytes, every pair at once (meaningful on a pair's first rank).
+
+    All pairs of the level ping-pong together because that is how a collective's round
+    runs: every rank busy. Where ranks outnumber cores, this is what a message costs
+    then (a quiet pair would not see the others' polling)."""
+    for a, b in pairs:
+        if me in (a, b):
+            rtt = _ping_pong(link, b if me == a else a, me == a, 8, _PINGS)
+            return statistics.median(rtt) / 2 if me == a else 0.0
+    return 0.0
+
+
+def _pair(link: _Link, peer: int, leader: bool, target_s: float, size: int) -> tuple[float, int]:
+    """(β bytes/s, message size S) between this rank and ``peer``; β on the leader.
 
     β is the slope between S and 2S bytes, S/(t(2S) - t(S)) one way, so neither α nor a
     shaper's burst allowance (tbf lets its bucket's bytes through at once) inflates it.
     ``size`` 0: find S first, doubling from 64 KiB until one way takes ``target_s``;
     later repeats pass the S found."""
-    rtt = _ping_pong(link, peer, leader, 8, _PINGS)
-    alpha = statistics.median(rtt) / 2 if leader else 0.0
     if size == 0:
         size = _MIN_BYTES
         while True:
@@ -121,10 +135,10 @@ def _pair(link: _Link, peer: int, leader: bool, target_s: float, size: int) -> t
     one = _ping_pong(link, peer, leader, size, 5)
     two = _ping_pong(link, peer, leader, 2 * size, 5)
     if not leader:
-        return 0.0, 0.0, size
+        return 0.0, size
     slope = (statistics.median(two) - statistics.median(one)) / 2
     # A slope at or below zero is noise (a descheduled rank in the S run): no figure.
-    return alpha, size / slope if slope > 0 else float("nan"), size
+    return (size / slope if slope > 0 else float("nan")), size
 
 
 def _shared(link: _Link, transport: Transport, senders: list[int], receivers: list[int], nbytes: int) -> float:
@@ -214,24 +228,28 @@ def probe(transport: Transport, topo: Topology, *, repeats: int = 5, target_s: f
     plans = []
     if len(groups[0]) >= 2:
         g = groups[0]
-        # Shared inside a node: every rank of node 0 sends to its right neighbour on the node.
-        plans.append(("intra", g[0], g[1], g, g[1:] + g[:1]))
+        # α: local ranks 2j and 2j+1 of every node; shared: every rank of node 0 to its right neighbour.
+        pairs = [(n[j], n[j + 1]) for n in groups for j in range(0, len(n) - 1, 2)]
+        plans.append(("intra", g[0], g[1], g, g[1:] + g[:1], pairs))
     if len(groups) >= 2:
         a, b = groups[0], groups[1]
         k = min(len(a), len(b))
-        plans.append(("inter", a[0], b[0], a[:k], b[:k]))
-    for name, lead, partner, senders, receivers in plans:
+        # α: local rank i of node 2m with local rank i of node 2m+1.
+        pairs = [(x[i], y[i]) for x, y in zip(groups[0::2], groups[1::2]) for i in range(min(len(x), len(y)))]
+        plans.append(("inter", a[0], b[0], a[:k], b[:k], pairs))
+    for name, lead, partner, senders, receivers, pairs in plans:
         alphas, betas, shared = [], [], []
         found = 0
         for _ in range(repeats):
+            alphas.append(_alpha(link, me, pairs))
             if me in (lead, partner):
-                alpha, beta, found = _pair(link, partner if me == lead else lead, me == lead, target_s, found)
-                alphas.append(alpha)
+                beta, found = _pair(link, partner if me == lead else lead, me == lead, target_s, found)
                 betas.append(beta)
             # The shared step moves what one pair moves in about 2 x target_s; the lead
             # tells every other rank of the step that size.
-            size = torch.tensor([int(min(_MAX_BYTES, max(_MIN_BYTES, betas[-1] * target_s * 2)))
-                                 if me == lead else 0], dtype=torch.int64)
+            guess = betas[-1] * target_s * 2 if me == lead and betas[-1] == betas[-1] else 0
+            size = torch.tensor([int(min(_MAX_BYTES, max(_MIN_BYTES, guess))) if me == lead else 0],
+                                dtype=torch.int64)
             if me == lead:
                 for r in sorted(set(senders + receivers) - {lead}):
                     link.send(r, size, _TAG_SIZE)
@@ -254,10 +272,11 @@ def probe(transport: Transport, topo: Topology, *, repeats: int = 5, target_s: f
             vector += [*_summary(alphas), *_summary(betas), *_summary(shared)]
         else:
             vector += [0.0] * 6
+    vector.append(time.perf_counter() - started if me == 0 else 0.0)  # rank 0's clock, so every rank says the same
     figures = _share(transport, vector, timeout)
     slowest = _share(transport, [-statistics.median(reduce_rates), -statistics.median(copy_rates),
                                  _summary(reduce_rates)[1], _summary(copy_rates)[1]], timeout, "max")
-    took = time.perf_counter() - started
+    took = figures[-1]
     levels = []
     for i, name in enumerate(("intra", "inter")):
         a, a_sp, b, b_sp, s, s_sp = figures[6 * i:6 * i + 6]
@@ -268,7 +287,8 @@ def probe(transport: Transport, topo: Topology, *, repeats: int = 5, target_s: f
                              f"as messages grew); run it again on a quieter machine or with more --repeats")
         how = f"fmcomm topo --probe, {repeats} repeats, median; spread (max-min)/median"
         levels.append(Level(name,
-                            Figure(a, "measured", f"half the round trip of 8 bytes; {how}", a_sp),
+                            Figure(a, "measured", f"half the round trip of 8 bytes, every rank of the job ping-ponging "
+                                                  f"with a partner on this level at once; {how}", a_sp),
                             Figure(b, "measured", f"one way of a message taking >= {target_s * 1e3:g} ms, "
                                                   f"alpha removed; {how}", b_sp),
                             Figure(s, "measured", f"{'every rank of node 0 to its neighbour' if name == 'intra' else 'every local rank of node 0 to node 1'} "
