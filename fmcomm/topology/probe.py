@@ -29,14 +29,10 @@ import time
 import torch
 
 from ..dtypes import DTYPES
-from ..errors import CommTimeoutError, TopologyError
+from ..errors import CommTimeoutError
 from ..kernels import Reducer
 from ..transport.base import Transport
 from .model import Figure, Kernels, Level, Topology
-
-class ProbeError(TopologyError):
-    """The probes measured nothing usable for a level."""
-
 
 # Above the executor's data and header tags (2 * 8192 + 2), below MPI's guaranteed 32767.
 _TAG_SIZE, _TAG_DATA, _TAG_ACK = 20001, 20002, 20003
@@ -136,9 +132,10 @@ def _pair(link: _Link, peer: int, leader: bool, target_s: float, size: int) -> t
     two = _ping_pong(link, peer, leader, 2 * size, 5)
     if not leader:
         return 0.0, size
-    slope = (statistics.median(two) - statistics.median(one)) / 2
-    # A slope at or below zero is noise (a descheduled rank in the S run): no figure.
-    return (size / slope if slope > 0 else float("nan")), size
+    t1, t2 = statistics.median(one) / 2, statistics.median(two) / 2
+    # A slope at or below zero is noise (a descheduled rank in the S run); then 2S/t(2S),
+    # which α and the burst can only make smaller than β: a lower bound.
+    return (size / (t2 - t1) if t2 > t1 else 2 * size / t2), size
 
 
 def _shared(link: _Link, transport: Transport, senders: list[int], receivers: list[int], nbytes: int) -> float:
@@ -199,10 +196,7 @@ def _kernel_rates(nbytes: int, repeats: int) -> tuple[list[float], list[float]]:
 
 
 def _summary(values: list[float]) -> tuple[float, float]:
-    """(median, (max - min) / median) of the repeats that gave a figure (NaN: none did)."""
-    values = [v for v in values if v == v]
-    if not values:
-        return float("nan"), float("nan")
+    """(median, (max - min) / median) of the repeats."""
     med = statistics.median(values)
     return med, (max(values) - min(values)) / med if med else 0.0
 
@@ -247,7 +241,7 @@ def probe(transport: Transport, topo: Topology, *, repeats: int = 5, target_s: f
                 betas.append(beta)
             # The shared step moves what one pair moves in about 2 x target_s; the lead
             # tells every other rank of the step that size.
-            guess = betas[-1] * target_s * 2 if me == lead and betas[-1] == betas[-1] else 0
+            guess = betas[-1] * target_s * 2 if me == lead else 0
             size = torch.tensor([int(min(_MAX_BYTES, max(_MIN_BYTES, guess))) if me == lead else 0],
                                 dtype=torch.int64)
             if me == lead:
@@ -261,7 +255,7 @@ def probe(transport: Transport, topo: Topology, *, repeats: int = 5, target_s: f
                 seconds = [_shared(link, transport, senders, receivers, k * n) for k in (1, 2)]
                 if me == lead:
                     slope = seconds[1] - seconds[0]
-                    shared.append(len(senders) * n / slope if slope > 0 else float("nan"))
+                    shared.append(len(senders) * n / slope if slope > 0 else len(senders) * 2 * n / seconds[1])
         results[name] = (alphas, betas, shared)
     reduce_rates, copy_rates = _kernel_rates(kernel_bytes, repeats)
     # Rank 0 leads every plan; its figures (and each rank's kernel rates) go to everyone.
@@ -282,15 +276,13 @@ def probe(transport: Transport, topo: Topology, *, repeats: int = 5, target_s: f
         a, a_sp, b, b_sp, s, s_sp = figures[6 * i:6 * i + 6]
         if b == 0:
             continue  # no pair of ranks for this level in this job
-        if not (b > 0 and s > 0):
-            raise ProbeError(f"topology probe: every repeat of the {name} level was noise (timings that fell "
-                             f"as messages grew); run it again on a quieter machine or with more --repeats")
         how = f"fmcomm topo --probe, {repeats} repeats, median; spread (max-min)/median"
         levels.append(Level(name,
                             Figure(a, "measured", f"half the round trip of 8 bytes, every rank of the job ping-ponging "
                                                   f"with a partner on this level at once; {how}", a_sp),
-                            Figure(b, "measured", f"one way of a message taking >= {target_s * 1e3:g} ms, "
-                                                  f"alpha removed; {how}", b_sp),
+                            Figure(b, "measured", f"slope of one-way time between S and 2S bytes (S taking >= "
+                                                  f"{target_s * 1e3:g} ms), or 2S/t(2S) where noise made it <= 0; "
+                                                  f"{how}", b_sp),
                             Figure(s, "measured", f"{'every rank of node 0 to its neighbour' if name == 'intra' else 'every local rank of node 0 to node 1'} "
                                                   f"at once; {how}", s_sp)))
     kernels = Kernels(
