@@ -13,6 +13,7 @@ rank is on which node is still exchanged, since only the running job knows that.
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 from pathlib import Path
@@ -57,6 +58,13 @@ def assemble(rows: list[tuple[int, NodeFacts, "records.RankFacts"]]) -> Topology
                     rank_facts=tuple(rank for _, _, rank in rows))
 
 
+@functools.lru_cache(maxsize=8)
+def _node_facts(name: str, sysfs: str) -> NodeFacts:
+    """This node's facts, read once per process: every communicator (sub-groups too)
+    detects, and NVML's start-up on a GPU machine is not free. NodeFacts is frozen."""
+    return local.node_facts(name, Path(sysfs))
+
+
 def detect(transport: Transport, configured_node_id: str, timeout: float, topo_file: str | None = None,
            sysfs: Path = local.SYSFS) -> Topology:
     """This job's topology, the same on every rank; a collective over ``transport``.
@@ -69,7 +77,7 @@ def detect(transport: Transport, configured_node_id: str, timeout: float, topo_f
     name = local.node_name(configured_node_id)
     # A file describing one kind of node describes every node: no need to read this one.
     uniform = loaded is not None and len(set(loaded.node_facts)) == 1
-    node = NodeFacts(hostname=name) if uniform else local.node_facts(name, sysfs)
+    node = NodeFacts(hostname=name) if uniform else _node_facts(name, str(sysfs))
     record = records.pack(records.name_key(name), node, local.rank_facts(sysfs))
     rows = [records.unpack(raw, r) for r, raw in enumerate(gather_records(transport, record, timeout))]
     topo = assemble(rows)
