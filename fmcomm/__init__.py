@@ -14,7 +14,8 @@ from .api import (all_gather, all_reduce, all_to_all_single, barrier, broadcast,
 from .communicator import Communicator, Work
 from .config import Config
 from .errors import (CollectiveError, CommTimeoutError, ConfigError, FmcommError, InitError, InvalidArgument,
-                     MismatchError, NonFiniteError, ScheduleError, TransportError, UnsupportedError)
+                     MachineFileError, MismatchError, NonFiniteError, ScheduleError, TopologyError, TransportError,
+                     UnsupportedError)
 
 __all__ = [
     "init", "finalize", "all_reduce", "reduce_scatter", "all_gather", "broadcast", "reduce", "all_to_all_single",
@@ -22,4 +23,5 @@ __all__ = [
     "Communicator", "Work", "Config",
     "FmcommError", "ConfigError", "InitError", "InvalidArgument", "UnsupportedError", "ScheduleError",
     "CollectiveError", "CommTimeoutError", "MismatchError", "TransportError", "NonFiniteError",
+    "TopologyError", "MachineFileError",
 ]

@@ -219,7 +219,7 @@ class Communicator:
             if plan is None:
                 self.executor.run_native(call, inp, out, native_start)
             else:
-                self.executor.run_schedule(call, plan, inp, out, reducer, average, root >= 0)
+                self.executor.run_schedule(call, plan, inp, out, reducer, average)
         return self._submit(run, async_op)
 
     def _root(self, root: int, what: str) -> int:

@@ -116,9 +116,9 @@ OPTIONS: tuple[Option, ...] = (
            "Native CPU kernels (`fmcomm._C`). `auto`: use them when built; `on`: fail if not built; "
            "`off`: always use the torch fallback."),
     Option("check", True, _parse_bool,
-           "Before each collective, peers exchange a small header (operation, sequence number, "
-           "count, dtype, reduction, algorithm) so ranks that disagree get `MismatchError` instead "
-           "of a hang or a wrong result."),
+           "Before each collective, every rank agrees on it (operation, sequence number, count, "
+           "dtype, reduction, algorithm or compressor, root) in one small all-reduce of the engine's, "
+           "so ranks that disagree all get `MismatchError` instead of a hang or a wrong result."),
     Option("node_id", "", str,
            "Name of the node this rank runs on; empty: the hostname. Ranks with one name share a node."),
     Option("auto_ring_min_bytes", 1 << 20, parse_size,

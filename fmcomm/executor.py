@@ -5,21 +5,24 @@ A local step waits only for the receives it reads, so the reduce of a segment ru
 while later segments are still arriving. Messages longer than ``segment_bytes`` are
 cut into segments; both ends cut by the same rule, so messages match in posting order.
 
-Before the first data message each rank sends a small header (operation, sequence
-number, count, dtype, reduction, algorithm) to every peer it will send data to, and
-checks the header of every peer it receives from. Ranks that disagree get
-``MismatchError`` before any data buffer is touched; a peer that never arrives gives
-``CommTimeoutError`` naming it.
+Before any data moves, the ranks agree on the call (operation, sequence number,
+count, dtype, reduction, algorithm, root) in one small all-reduce of the engine's
+own: the MAX of the call's fields and of their negations, so every rank sees
+whether any field differs anywhere. A rank that disagrees on anything, including
+which algorithm or whether to compress (which decide who talks to whom, so peers
+could not have told), gets ``MismatchError`` on every rank before any buffer is
+touched; a rank that never arrives gives ``CommTimeoutError`` on the others.
 
 Inside a composite call (a compressed all-reduce) the ranks agree on the composite's
 arguments once, up front; its inner calls follow from those arguments alike on every
-rank, so they skip their own headers (``arguments_agreed``): each header is a round
-trip, and on a loaded machine every round trip costs a scheduling delay.
+rank, so they skip their own agreement (``arguments_agreed``): each is a round trip,
+and on a loaded machine every round trip costs a scheduling delay.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import threading
 import time
 import zlib
@@ -36,16 +39,12 @@ COLLECTIVE_CODES = {"all_reduce": 1, "reduce_scatter": 2, "all_gather": 3, "broa
                     "reduce": 5, "all_to_all": 6, "barrier": 7}
 _HEADER_MAGIC = 0x666D636F6D6D  # "fmcomm"
 _HEADER_FIELDS = ("magic", "seq", "collective", "algo", "count", "dtype", "op", "root")
-# MPI guarantees tags up to 32767; each operation gets two (header, data), cycling.
-_TAG_CYCLE = 8192
+# MPI guarantees tags up to 32767; each operation gets one, cycling.
+_TAG_CYCLE = 16384
 
 
 def data_tag(seq: int) -> int:
-    return 2 * (seq % _TAG_CYCLE) + 2
-
-
-def header_tag(seq: int) -> int:
-    return 2 * (seq % _TAG_CYCLE) + 1
+    return seq % _TAG_CYCLE + 1
 
 
 _agreed = threading.local()  # .active while a composite call whose arguments every rank agreed on runs here
@@ -67,7 +66,27 @@ def _checking(check: bool) -> bool:
 
 
 def algo_code(name: str) -> int:
-    return zlib.crc32(name.encode())
+    code = zlib.crc32(name.encode())
+    _ALGO_NAMES.setdefault(code, name)
+    return code
+
+
+# Algorithm names by header code, so a mismatch names the other rank's choice: the
+# registry's schedules, the engine's own, every compressor at its default settings
+# (compressed calls are named "compressed:<spec>"), and every name this process used.
+_ALGO_NAMES: dict[int, str] = {}
+
+
+@functools.lru_cache(maxsize=1)
+def _known_algorithms() -> None:
+    """Fill _ALGO_NAMES with every name a rank may use by default (once per process)."""
+    from . import algorithms, compression
+    for _, name in algorithms.REGISTRY:
+        algo_code(name)
+    algo_code(algorithms.NATIVE)
+    for family in ("fp16", "bf16", "fp8", "fp8:e5m2", "onebit", "topk:0.01"):
+        for level in ("", "@inter"):
+            algo_code("compressed:" + compression.parse(family + level).text)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +121,8 @@ _CODE_NAMES = {
 def _field_text(field: str, value: int, algo_name: str | None) -> str:
     """A header field as a person reads it (dtype and op names instead of codes)."""
     if field == "algo":
-        return algo_name or "another algorithm"
+        _known_algorithms()
+        return algo_name or _ALGO_NAMES.get(value, f"an algorithm this rank does not know (code {value})")
     return str(_CODE_NAMES.get(field, {}).get(value, value))
 
 
@@ -239,74 +259,6 @@ class Executor:
         return s[:nbytes].view(like.dtype)
 
     # --- argument agreement
-    def post_headers(self, call: Call, send_to, recv_from, device: torch.device):
-        """Post this call's header to every data peer; return what verify_headers needs.
-
-        Headers live on the data's device, the only memory some engines (NCCL) reach.
-        """
-        if not _checking(self.check) or (not send_to and not recv_from):
-            return None
-        t = self.transport
-        mine = torch.from_numpy(call.header())
-        if device.type != "cpu":
-            mine = mine.to(device)
-        tag = header_tag(call.seq)
-        theirs = {p: torch.empty(len(_HEADER_FIELDS), dtype=torch.int64, device=device) for p in sorted(recv_from)}
-        try:
-            recvs = {p: t.irecv(p, t.byte_view(buf), tag) for p, buf in theirs.items()}
-            sends = [t.isend(p, t.byte_view(mine), tag) for p in sorted(send_to)]
-        except CollectiveError:
-            raise
-        except Exception as e:  # noqa: BLE001 - the engine's own exception types vary
-            raise TransportError(f"{t.name}: posting the argument header failed: {e}", rank=t.rank,
-                                 op=call.collective, seq=call.seq) from e
-        return theirs, recvs, sends, mine
-
-    def verify_headers(self, call: Call, posted) -> None:
-        """Wait for the peers' headers and raise MismatchError on the first disagreement."""
-        if posted is None:
-            return
-        theirs, recvs, sends, _mine = posted
-        for p, req in recvs.items():
-            self._wait([req], call, p, "argument header from peer")
-            diff = call.describe_mismatch(theirs[p].tolist())
-            if diff:
-                raise MismatchError(f"peer called {call.collective} differently: {diff}",
-                                    rank=self.transport.rank, op=call.collective, seq=call.seq, peer=p)
-        self._wait(sends, call, None, "argument header send")
-
-    def verify_with_round(self, call: Call, posted, rreqs: list, sreqs: list) -> None:
-        """verify_headers, waiting on the headers and a round's messages together."""
-        theirs, hrecvs, hsends, _mine = posted
-        t = self.transport
-
-        def check() -> None:
-            for p in theirs:
-                if torch.equal(theirs[p], _mine):
-                    continue
-                diff = call.describe_mismatch(theirs[p].tolist())
-                if diff:
-                    raise MismatchError(f"peer called {call.collective} differently: {diff}",
-                                        rank=t.rank, op=call.collective, seq=call.seq, peer=p)
-
-        peers = sorted({p for p in theirs})
-        try:
-            ok = t.wait_then(list(hrecvs.values()), check, [*rreqs, *sreqs, *hsends], time.monotonic() + self.timeout)
-        except CollectiveError:
-            raise
-        except Exception as e:  # noqa: BLE001 - the engine's own exception types vary
-            # An oversized message fails its receive: it comes from a peer whose
-            # arguments differ, which the header names if it has arrived.
-            if t.wait(list(hrecvs.values()), time.monotonic() + min(self.timeout, 1.0)):
-                check()
-            raise TransportError(f"{t.name}: first round failed: {e}", rank=t.rank, op=call.collective,
-                                 seq=call.seq) from e
-        if not ok:
-            raise CommTimeoutError(f"first round did not complete within {self.timeout:g} s (FMCOMM_TIMEOUT); "
-                                   f"a peer may have died or skipped this call",
-                                   rank=t.rank, op=call.collective, seq=call.seq,
-                                   peer=peers[0] if len(peers) == 1 else None)
-
     def check_native(self, call: Call) -> None:
         """Agreement check for native collectives: one small all-reduce of (h, -h) with MAX."""
         if not _checking(self.check) or self.transport.world == 1:
@@ -316,34 +268,25 @@ class Executor:
         req = self.transport.native_all_reduce(both, both, DTYPES["int64"], "max")
         self._wait([req], call, None, "native argument check")
         hi, lo = both[: len(h)].tolist(), [-x for x in both[len(h):].tolist()]
-        diffs = [f"{name} differs (from {_field_text(name, l, None)} to {_field_text(name, u, None)})"
-                 for name, l, u in zip(_HEADER_FIELDS, lo, hi) if l != u]
+        mine = h.tolist()
+        diffs = []
+        for name, m, low, high in zip(_HEADER_FIELDS, mine, lo, hi):
+            if low == high:
+                continue
+            other = [v for v in (low, high) if v != m]  # the extremes other ranks hold
+            diffs.append(f"{name}: this rank {_field_text(name, m, call.algo)}, another rank "
+                         + " / ".join(_field_text(name, v, None) for v in other))
         if diffs:
             raise MismatchError(f"ranks called {call.collective} differently: {', '.join(diffs)}",
                                 rank=self.transport.rank, op=call.collective, seq=call.seq)
 
     # --- the two ways to run a collective
     def run_schedule(self, call: Call, plan: CompiledSchedule, inp: torch.Tensor, out: torch.Tensor,
-                     reducer: Reducer, average: bool = True, agree_globally: bool = False) -> None:
+                     reducer: Reducer, average: bool = True) -> None:
         """Run ``plan``; for op avg, divide ``out`` at the end unless ``average`` is False
-        (a reduce's non-root ranks hold no result).
-
-        ``agree_globally``: check the arguments with every rank (one small all-reduce)
-        instead of with this rank's peers. Needed where the arguments decide who talks
-        to whom (a root): ranks that disagree on it may not be peers at all, and the
-        root, which waits for nobody, would otherwise return as if all were well.
-        """
+        (a reduce's non-root ranks hold no result)."""
         t = self.transport
-        if agree_globally:
-            self.check_native(call)
-            headers = None
-        else:
-            headers = self.post_headers(call, plan.send_to, plan.recv_from, out.device)
-        if not t.reports_size_mismatch:
-            # A message longer than its posted receive would break this engine, so
-            # no data is posted before every peer's arguments are known to agree.
-            self.verify_headers(call, headers)
-            headers = None
+        self.check_native(call)
         bufs = {"input": inp, "output": out, "scratch": self.scratch(plan.scratch_count, out)}
         # Byte views made once per call; each message is then a cheap slice of one
         # (this loop runs per segment, and per-call Python work is what small
@@ -361,16 +304,7 @@ class Executor:
             except Exception as e:  # noqa: BLE001 - the engine's own exception types vary
                 raise TransportError(f"{t.name}: posting a message failed: {e}", rank=t.rank,
                                      op=call.collective, seq=call.seq) from e
-            if headers is not None:
-                # The engine reports an oversized message as an error on its request,
-                # so the first round's data travels while the headers are checked, in
-                # one wait; nothing received is used before the check passed.
-                self.verify_with_round(call, headers, rreqs, sreqs)
-                headers = None
-                landed = [True] * len(rreqs)
-                sreqs = []
-            else:
-                landed = [False] * len(rreqs)
+            landed = [False] * len(rreqs)
             for loc in rnd.locals:
                 for i in loc.deps:
                     if not landed[i]:

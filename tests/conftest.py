@@ -22,15 +22,16 @@ def mpiexec() -> str:
 
 
 def run_ranks(n: int, script: str, *args: str, env: dict | None = None, timeout: float = 300,
-              out_dir: Path, clean_exit: bool = False) -> list[dict]:
+              out_dir: Path, clean_exit: bool = False, launcher_args: tuple = ()) -> list[dict]:
     """Run tests/multirank/<script> on ``n`` ranks under mpiexec; return each rank's JSON report.
 
     ``clean_exit``: the program leaves as a user's does (no ``os._exit``), and every
-    rank must exit 0 without a C++ ``terminate`` on the way out."""
+    rank must exit 0 without a C++ ``terminate`` on the way out. ``launcher_args``: flags
+    for mpiexec itself."""
     full_env = dict(os.environ)
     full_env.update({"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     full_env.update(env or {})
-    cmd = [mpiexec(), "-n", str(n), sys.executable, str(MULTIRANK / script), "--out", str(out_dir), *args]
+    cmd = [mpiexec(), *launcher_args, "-n", str(n), sys.executable, str(MULTIRANK / script), "--out", str(out_dir), *args]
     proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)
     reports = []
     for r in range(n):

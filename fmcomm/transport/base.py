@@ -10,7 +10,7 @@ number and the peer, raises the error.
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -21,9 +21,6 @@ class Transport(abc.ABC):
     name: str
     rank: int
     world: int
-    # True where a message longer than the receive posted for it fails that receive
-    # (MPI: MPI_ERR_TRUNCATE) instead of corrupting memory or killing the process.
-    reports_size_mismatch: bool = False
 
     @abc.abstractmethod
     def byte_view(self, t: torch.Tensor) -> Any:
@@ -44,19 +41,6 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def wait(self, requests: Sequence[Any], deadline: float) -> bool:
         """Wait until all ``requests`` complete; False if ``deadline`` (time.monotonic) passed first."""
-
-    def wait_then(self, first: Sequence[Any], then: Callable[[], None], rest: Sequence[Any],
-                  deadline: float) -> bool:
-        """Wait for ``first`` and ``rest``; call ``then()`` as soon as ``first`` is complete.
-
-        ``then`` runs before this returns, also when ``rest`` times out after ``first``
-        completed; an exception from it propagates. Engines that can wait on everything
-        at once (one poll loop instead of two waits) override this.
-        """
-        if not self.wait(first, deadline):
-            return False
-        then()
-        return self.wait(rest, deadline)
 
     @abc.abstractmethod
     def supports_native(self, collective: str, dtype: DType, op: str, device: str) -> bool:

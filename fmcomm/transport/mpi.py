@@ -34,7 +34,6 @@ _SPIN_POLLS = 200
 
 class MPITransport(Transport):
     name = "mpi"
-    reports_size_mismatch = True  # MPI_ERR_TRUNCATE on the receive; mpi4py's errors return
 
     def __init__(self, comm=None):
         if MPI is None:
@@ -88,30 +87,6 @@ class MPITransport(Transport):
                 os.sched_yield()
                 if polls % 64 == 0 and time.monotonic() > deadline:
                     return False
-        return True
-
-    def wait_then(self, first: Sequence[Any], then, rest: Sequence[Any], deadline: float) -> bool:
-        # One poll loop over everything: two waits in a row cost a 1 MiB ring all-reduce
-        # about 80 us here (MPI progresses only inside its calls).
-        everything = [*first, *rest]
-        first = list(first)
-        fired = False
-        polls = 0
-        while True:
-            if MPI.Request.Testall(everything):
-                break
-            polls += 1
-            if not fired and polls % 16 == 0 and MPI.Request.Testall(first):
-                fired = True
-                then()
-            if polls > self._spin:
-                os.sched_yield()
-                if polls % 64 == 0 and time.monotonic() > deadline:
-                    if not fired and MPI.Request.Testall(first):
-                        then()
-                    return False
-        if not fired:
-            then()
         return True
 
     def supports_native(self, collective: str, dtype: DType, op: str, device: str) -> bool:

@@ -107,7 +107,10 @@ def residual_total(comm, state, key, level, n):
     """Σ over ranks of worker + server residuals, in the tensor's coordinates (every rank)."""
     total = torch.zeros(n, dtype=torch.float64)
     sd = state.state_dict()
-    worker, server = sd[f"{key}/{level}/worker"].double(), sd[f"{key}/{level}/server"].double()
+    # Slots are named by compressor and level (fmcomm.compressed.slot_level): one
+    # compressor per state here.
+    (slot,) = {name.split("/")[1] for name in sd if name.endswith(f"@{level}/worker")}
+    worker, server = sd[f"{key}/{slot}/worker"].double(), sd[f"{key}/{slot}/server"].double()
     if level == "all":
         total += worker
         o, c = chunk_bounds(n, comm.world)[comm.rank]
@@ -160,7 +163,7 @@ def feedback_case(comm, family, level, n=512):
     bound = STEPS * (4 * comm.world + 8) * 2.0 ** -24 * comm.world
     err = float((got - (true - resid)).abs().max())
     drift = float((got - true).norm() / true.norm())
-    worker = state.state_dict()[f"bucket0/{level_used}/worker"]
+    worker = state.state_dict()[f"bucket0/{compression.parse(spec).compressor.name}@{level_used}/worker"]
     owned_held = max((float(worker[o:o + c].abs().max()) for o, c in owned_worker_spans(comm, level_used, n) if c),
                      default=0.0)
     return {"ok": err <= bound and owned_held == 0.0, "identity_error": err, "bound": bound,

@@ -24,7 +24,7 @@ def error_classes():
 def test_the_package_exports_every_error_class():
     exported = {getattr(fmcomm, n) for n in fmcomm.__all__}
     assert set(error_classes()) <= exported
-    assert len(error_classes()) == 11
+    assert len(error_classes()) == 13
 
 
 @pytest.mark.parametrize("cls", error_classes(), ids=lambda c: c.__name__)
@@ -261,3 +261,26 @@ def test_compressed_all_reduce_on_one_rank_is_decode_of_encode(comm, spec):
         rest = torch.zeros(101)
         comm.all_reduce(rest, compress=spec, key=f"unit-{spec}")
         assert float((t + rest - x).abs().max()) < float((t - x).abs().max())
+
+
+def test_compressed_all_reduce_without_a_key_keeps_no_residuals(comm):
+    # Keyed by size, residuals grew with every new size and mixed tensors of one size.
+    gen = torch.Generator().manual_seed(3)
+    before = comm.error_feedback.keys()  # other tests' keyed calls share this communicator
+    for _ in range(40):
+        n = int(torch.randint(1, 5000, (1,), generator=gen))
+        comm.all_reduce(torch.randn(n, generator=gen), compress="onebit")
+        comm.all_reduce(torch.randn(n, generator=gen), compress="topk:0.1")
+    assert comm.error_feedback.keys() == before
+
+
+def test_one_key_under_two_compressors_keeps_two_sets_of_residuals(comm):
+    state = compression.ErrorFeedback()
+    x = torch.linspace(-1, 1, 64)
+    a, b = x.clone(), x.clone()
+    comm.all_reduce(a, compress="onebit", state=state, key="grad")
+    onebit_residual = state.state_dict()["grad/onebit@all/worker"].clone()
+    comm.all_reduce(b, compress="topk:0.25", state=state, key="grad")
+    saved = state.state_dict()
+    assert set(saved) == {f"grad/{c}@all/{role}" for c in ("onebit", "topk:0.25") for role in ("worker", "server")}
+    assert torch.equal(saved["grad/onebit@all/worker"], onebit_residual)  # top-k did not touch it
