@@ -222,7 +222,10 @@ def _topo(args, argv: list[str]) -> int:
         here = launch.detect()
         if args.nranks is not None and here.launcher == "none" and args.nranks > 1:
             return _relaunch(args.nranks, _strip_n(argv))
+        import torch.distributed as dist
+
         from .api import finalize, init
+        had_group = dist.is_available() and dist.is_initialized()
         comm = init()
         topo = comm.topology
         if args.probe:
@@ -230,6 +233,8 @@ def _topo(args, argv: list[str]) -> int:
             topo = probe(comm.transport, topo, repeats=args.repeats, timeout=comm.config.timeout)
         is_root = comm.rank == 0
         finalize()
+        if not had_group and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()  # gloo aborts at exit if its group is still up
     if not is_root:
         return 0
     print(describe.describe(topo, _native_paths() if args.topology is None else None, notes=args.notes))

@@ -59,8 +59,14 @@ class _Link:
         self._wait(self.t.irecv(peer, self.t.byte_view(buf), tag), peer, "receive")
 
     def recv_idle(self, peer: int, buf: torch.Tensor, tag: int) -> None:
-        """A receive that sleeps between polls: for ranks waiting their turn, so that on a
-        machine with fewer cores than ranks they leave the CPU to the ranks being measured."""
+        """A receive for ranks waiting their turn. MPI's waits spin, so on a machine with
+        fewer cores than ranks a waiting rank would take a core from the ranks being
+        measured: there it tests the receive and sleeps between tests. gloo's waits
+        block without spinning, and its receives complete only inside a wait (a wait
+        that times out breaks the connection), so elsewhere it is a plain receive."""
+        if self.t.name != "mpi":
+            self.recv(peer, buf, tag)
+            return
         req = self.t.irecv(peer, self.t.byte_view(buf), tag)
         deadline = time.monotonic() + self.timeout
         while not self.t.wait([req], time.monotonic()):
