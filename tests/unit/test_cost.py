@@ -172,3 +172,36 @@ def test_missing_figures_are_named():
         price("all_reduce", "ring", Topology.uniform(1, 2, levels=machine(1, 2).levels), 4096)
     with pytest.raises(InvalidArgument, match="no schedule 'bogus'"):
         price("all_reduce", "bogus", machine(1, 2), 4096)
+
+
+@pytest.mark.parametrize("p", [2, 4, 8, 16])
+def test_rooted_and_barrier_forms(p):
+    """README: broadcast binomial ⌈lg p⌉(α + nβ) (plus the root's copy into its output, a
+    round of its own); reduce binomial ⌈lg p⌉(α + nβ + nγ); barrier dissemination ⌈lg p⌉α
+    (each message one element of scratch)."""
+    lg = math.ceil(math.log2(p))
+    n = 1000 * ITEM
+    assert close(model("broadcast", "binomial", machine(1, p), n), lg * (A_IN + n / B_IN) + n / CPY)
+    assert close(model("reduce", "binomial", machine(1, p), n), lg * (A_IN + n / B_IN + n / RED))
+    assert close(model("barrier", "dissemination", machine(1, p), 0), lg * (A_IN + ITEM / B_IN))
+
+
+@pytest.mark.parametrize("p", [3, 5, 8])
+def test_chain_broadcast_form(p):
+    """README: (C + p − 2)(α + (n/C)β), C the pipeline's piece count."""
+    from fmcomm.algorithms.broadcast import default_chunks
+    count = 60 << 12  # divisible by the piece count chosen at p = 3, 5, 8 (2, 3, 5)
+    c = default_chunks(p, count)
+    n = count * ITEM
+    assert count % c == 0
+    assert close(model("broadcast", "chain", machine(1, p), n), (c + p - 2) * (A_IN + n / c / B_IN) + n / CPY)
+
+
+@pytest.mark.parametrize("p", [2, 4, 8])
+def test_recursive_doubling_all_gather_form(p):
+    """README: ⌈lg p⌉α + ((p−1)/p)nβ, plus the first round's copy of the rank's own block."""
+    n = p * 512 * ITEM
+    lg = int(math.log2(p))
+    # round k moves 2^k blocks of n/p: the β term sums to (p-1)/p · n
+    assert close(model("all_gather", "recursive_doubling", machine(1, p), n),
+                 lg * A_IN + (p - 1) / p * n / B_IN + n / p / CPY)
