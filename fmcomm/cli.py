@@ -114,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     sm.add_argument("-f", "--stepfactor", type=int, default=2)
     sm.add_argument("--dtype", default="float32")
     sm.add_argument("--algo", type=_list, default=(), help="comma list of schedules (default: every one of --op)")
+    sm.add_argument("--compress", type=_list, default=(),
+                    help="all_reduce: also the compressed all-reduce with each of these specs (fp8, onebit, topk:R, "
+                         "each also NAME@inter), priced from its plan of phases")
     sm.add_argument("--json", default=None, help="write every row as one JSON object per line to this file")
     sm.add_argument("--plot", default=None, help="busbw against size, one line per algorithm, to this PNG "
                                                  "(needs matplotlib)")
@@ -195,7 +198,7 @@ def _simulate(args) -> int:
         topo = presets.resize(topo, args.nodes)
     started = time.perf_counter()
     rows = simulator.predict(topo, args.op, simulator.sizes(args.minbytes, args.maxbytes, args.stepfactor),
-                             DTYPES[args.dtype], list(args.algo) or None)
+                             DTYPES[args.dtype], list(args.algo) or None, compress=list(args.compress))
     took = time.perf_counter() - started
     print(simulator.table(rows, topo, f"fmcomm simulate {args.op} --topology {source}"
                                       + (f" --nodes {args.nodes}" if args.nodes else "")))

@@ -142,13 +142,22 @@ def sizes(min_bytes: int, max_bytes: int, factor: int = 2) -> list[int]:
 
 
 def predict(topo, collective: str, byte_sizes: list[int], dtype: DType, algos: list[str] | None = None,
-            root: int = 0) -> list[SimRow]:
+            root: int = 0, compress: list[str] | None = None) -> list[SimRow]:
     """Every candidate schedule of ``collective`` priced on ``topo`` at each size, the
-    fastest marked as picked (ties go to the first name in order)."""
+    fastest marked as picked (ties go to the first name in order). ``compress``: also
+    the compressed all-reduce with each of these specs (float32 only), priced from its
+    plan of phases (``fmcomm.tuning.plans``)."""
+    from .errors import InvalidArgument
     from .tuning.cost import BUSBW_FACTOR, Pricer, algorithms
-    names = list(algos) if algos else algorithms(collective)
+    from .tuning.plans import price_compressed_all_reduce
+    if compress and (collective != "all_reduce" or dtype.name != "float32"):
+        raise InvalidArgument("compression is priced for float32 all_reduce only")
+    names = list(algos) if algos is not None else algorithms(collective)
     ordered = sorted(set(byte_sizes))
     priced = {a: Pricer(collective, a, topo, dtype.itemsize, root).price_all(ordered) for a in names}
+    for spec in compress or ():
+        priced[spec] = [price_compressed_all_reduce(topo, nbytes, spec) for nbytes in ordered]
+    names += list(compress or ())
     rows: list[SimRow] = []
     for k, nbytes in enumerate(ordered):
         found = [priced[a][k] for a in names]

@@ -11,7 +11,8 @@ Shape (format version 1)::
                                                          # or "nodes": [one per node]
      "levels": {"intra": {"alpha_s": FIGURE, "bandwidth_Bps": FIGURE, "node_bandwidth_Bps": FIGURE},
                 "inter": {...}},
-     "kernels": {"reduce_Bps": FIGURE, "copy_Bps": FIGURE}}
+     "kernels": {"reduce_Bps": FIGURE, "copy_Bps": FIGURE},
+     "codecs": {"fp8": {"encode_Bps": FIGURE, "decode_Bps": FIGURE}, ...}}
 
 and a FIGURE is ``{"value": 1.5e-06, "source": "detected" | "measured" | "preset",
 "note": "where it came from", "spread": 0.04}`` (``spread``, measured figures only:
@@ -27,7 +28,7 @@ import os
 from typing import Any
 
 from ..errors import MachineFileError
-from .model import LEVELS, SOURCES, Figure, Gpu, Kernels, Level, Nic, NodeFacts, RankFacts, Topology
+from .model import LEVELS, SOURCES, CodecRates, Figure, Gpu, Kernels, Level, Nic, NodeFacts, RankFacts, Topology
 
 FORMAT = "fmcomm-machine"
 FORMAT_VERSION = 1
@@ -74,6 +75,9 @@ def to_dict(topo: Topology, node_source: str = "detected", node_note: str = "") 
                          for lv in topo.levels}
     if topo.kernels:
         out["kernels"] = {key: _figure(getattr(topo.kernels, attr)) for attr, key in _KERNEL_FIELDS}
+    if topo.codecs:
+        out["codecs"] = {c.family: {"encode_Bps": _figure(c.encode), "decode_Bps": _figure(c.decode)}
+                         for c in topo.codecs}
     return out
 
 
@@ -205,8 +209,11 @@ def from_dict(data: Any, path: str = "<machine file>") -> Topology:
         obj = rd.get(data, "kernels", dict, "top level")
         kernels = Kernels(**{attr: rd.figure(rd.get(obj, key, dict, "kernels"), f"kernels.{key}", positive=True)
                              for attr, key in _KERNEL_FIELDS})
+    codecs = tuple(CodecRates(family, *(rd.figure(rd.get(obj, key, dict, f"codecs.{family}"), f"codecs.{family}.{key}",
+                                                  positive=True) for key in ("encode_Bps", "decode_Bps")))
+                   for family, obj in rd.get(data, "codecs", dict, "top level", {}).items())
     return Topology(topo.node_of, node_facts=facts, rank_facts=ranks,
-                    levels=tuple(sorted(levels, key=lambda lv: LEVELS.index(lv.name))), kernels=kernels,
+                    levels=tuple(sorted(levels, key=lambda lv: LEVELS.index(lv.name))), kernels=kernels, codecs=codecs,
                     name=rd.get(data, "name", str, "top level", ""),
                     description=rd.get(data, "description", str, "top level", ""))
 

@@ -64,6 +64,16 @@ class Kernels:
 
 
 @dataclasses.dataclass(frozen=True)
+class CodecRates:
+    """A compressor family's kernel rates, float32 bytes per second (4 bytes an element,
+    whatever the payload's size): encode (with error feedback, as the compressed
+    all-reduce runs it) and decode."""
+    family: str
+    encode: Figure
+    decode: Figure
+
+
+@dataclasses.dataclass(frozen=True)
 class Nic:
     name: str
     speed_mbps: int  # -1: unknown (virtio and other virtual NICs report no speed)
@@ -114,6 +124,7 @@ class Topology:
     rank_facts: tuple[RankFacts, ...] = ()  # one per rank, when detected
     levels: tuple[Level, ...] = ()          # intra and/or inter
     kernels: Optional[Kernels] = None
+    codecs: tuple[CodecRates, ...] = ()     # compressor kernel rates, where measured
     name: str = ""                          # the preset or file it came from
     description: str = ""
 
@@ -145,6 +156,15 @@ class Topology:
         from ..errors import TopologyError
         raise TopologyError(f"topology {self.name or '(detected)'} has no figures for the {name} level; "
                             f"load a machine file (FMCOMM_TOPO_FILE), a preset, or run the probes")
+
+    def codec(self, family: str) -> CodecRates:
+        for c in self.codecs:
+            if c.family == family:
+                return c
+        from ..errors import TopologyError
+        known = ", ".join(c.family for c in self.codecs) or "none"
+        raise TopologyError(f"topology {self.name or '(detected)'} has no kernel rates for the {family} compressor "
+                            f"(it has: {known}); add them to its machine file from benchmarks/kernels.py")
 
     def level_between(self, a: int, b: int) -> Level:
         return self.level("intra" if self.node_of[a] == self.node_of[b] else "inter")

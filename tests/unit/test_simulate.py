@@ -76,3 +76,12 @@ def test_cli_topo_explain_on_a_preset(capsys):
     text = capsys.readouterr().out
     inter = presets.load("emulated-2x2-1gbit").level("inter").bandwidth.value
     assert "<- picked" in text and "hierarchical" in text and rate(inter) in text
+
+
+def test_simulate_prices_compression_beside_the_schedules(capsys):
+    assert cli.main(["simulate", "--topology", "emulated-2x2-1gbit", "-b", "16M", "-e", "16M",
+                     "--compress", "onebit@inter,fp8@inter"]) == 0
+    out = capsys.readouterr().out
+    assert "onebit@inter" in out and "fp8:e4m3@inter" in out and "hierarchical" in out
+    with pytest.raises(InvalidArgument, match="float32 all_reduce only"):
+        predict(presets.load("emulated-2x2-1gbit"), "all_gather", [1 << 20], DTYPES["float32"], compress=["fp8"])
