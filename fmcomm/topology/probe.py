@@ -17,8 +17,9 @@ Every rank calls :func:`probe` (a collective); only some ranks move bytes:
 Each figure is measured ``repeats`` times; the reported value is the median and the
 figure's ``spread`` is (max - min) / median over the repeats, the run-to-run
 stability the machine file records. Rank 0's figures reach every rank through one
-all-reduce of a fixed float64 vector. The kernel rates (reduce, copy) are measured on
-every rank's own CPU and the slowest rank's rate kept.
+all-reduce of a fixed float64 vector. The kernel rates (reduce, copy, and each
+compressor family's encode and decode) are measured on every rank at once, as a job
+runs them, and the slowest rank's rate kept.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from ..dtypes import DTYPES
 from ..errors import CommTimeoutError
 from ..kernels import Reducer
 from ..transport.base import Transport
-from .model import Figure, Kernels, Level, Topology
+from .model import CodecRates, Figure, Kernels, Level, Topology
 
 # Above the executor's data and header tags (2 * 8192 + 2), below MPI's guaranteed 32767.
 _TAG_SIZE, _TAG_DATA, _TAG_ACK = 20001, 20002, 20003
@@ -201,6 +202,39 @@ def _kernel_rates(nbytes: int, repeats: int) -> tuple[list[float], list[float]]:
     return reduce_rates, copy_rates
 
 
+# The compressor families whose kernels the probe times, with the spec each is timed as.
+CODEC_SPECS = (("fp8", "fp8"), ("onebit", "onebit"), ("topk", "topk:0.01"))
+
+
+def _codec_rates(nbytes: int, repeats: int) -> dict[str, tuple[list[float], list[float]]]:
+    """Float32 bytes per second of each family's encode (with error feedback, as the
+    compressed all-reduce runs it) and decode, ``repeats`` times, on this rank while
+    every rank times its own: the rates a job gets with all its ranks at work."""
+    from ..compression import parse
+    n = nbytes // 4
+    values = torch.randn(n, generator=torch.Generator().manual_seed(0))
+    out = torch.empty(n)
+    rates = {}
+    for family, text in CODEC_SPECS:
+        comp = parse(text).compressor
+        codec = comp.begin(2, float(values.abs().max()))
+        payload = torch.empty(comp.payload_bytes(n), dtype=torch.uint8)
+        residual = torch.zeros(n)
+        codec.encode_contribution(values, payload, residual)  # first touch outside the timing
+        codec.decode_sum(payload, out)
+        enc, dec = [], []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            codec.encode_contribution(values, payload, residual)
+            t1 = time.perf_counter()
+            codec.decode_sum(payload, out)
+            t2 = time.perf_counter()
+            enc.append(nbytes / (t1 - t0))
+            dec.append(nbytes / (t2 - t1))
+        rates[family] = (enc, dec)
+    return rates
+
+
 def _summary(values: list[float]) -> tuple[float, float]:
     """(median, (max - min) / median) of the repeats."""
     med = statistics.median(values)
@@ -264,6 +298,7 @@ def probe(transport: Transport, topo: Topology, *, repeats: int = 5, target_s: f
                     shared.append(len(senders) * n / slope if slope > 0 else len(senders) * 2 * n / seconds[1])
         results[name] = (alphas, betas, shared)
     reduce_rates, copy_rates = _kernel_rates(kernel_bytes, repeats)
+    codec_rates = _codec_rates(kernel_bytes, repeats)
     # Rank 0 leads every plan; its figures (and each rank's kernel rates) go to everyone.
     vector = []
     for name in ("intra", "inter"):
@@ -274,8 +309,10 @@ def probe(transport: Transport, topo: Topology, *, repeats: int = 5, target_s: f
             vector += [0.0] * 6
     vector.append(time.perf_counter() - started if me == 0 else 0.0)  # rank 0's clock, so every rank says the same
     figures = _share(transport, vector, timeout)
-    slowest = _share(transport, [-statistics.median(reduce_rates), -statistics.median(copy_rates),
-                                 _summary(reduce_rates)[1], _summary(copy_rates)[1]], timeout, "max")
+    per_rank = [reduce_rates, copy_rates] + [r for family, _ in CODEC_SPECS for r in codec_rates[family]]
+    # The slowest rank's median (max of the negated), with its spread.
+    slowest = _share(transport, [x for rates in per_rank for x in (-statistics.median(rates), _summary(rates)[1])],
+                     timeout, "max")
     took = figures[-1]
     levels = []
     for i, name in enumerate(("intra", "inter")):
@@ -291,11 +328,15 @@ def probe(transport: Transport, topo: Topology, *, repeats: int = 5, target_s: f
                                                   f"{how}", b_sp),
                             Figure(s, "measured", f"{'every rank of node 0 to its neighbour' if name == 'intra' else 'every local rank of node 0 to node 1'} "
                                                   f"at once; {how}", s_sp)))
-    kernels = Kernels(
-        Figure(-slowest[0], "measured", f"float32 sum of {kernel_bytes >> 20} MiB, bytes written per second, "
-                                        f"slowest rank's median of {repeats}", slowest[2]),
-        Figure(-slowest[1], "measured", f"copy of {kernel_bytes >> 20} MiB, slowest rank's median of {repeats}",
-               slowest[3]))
-    out = topo.with_figures(tuple(levels), kernels)
+    mib = kernel_bytes >> 20
+
+    def measured(i: int, what: str) -> Figure:
+        return Figure(-slowest[2 * i], "measured", f"{what} of {mib} MiB float32 on every rank at once, the "
+                                                    f"slowest rank's median of {repeats}", slowest[2 * i + 1])
+    kernels = Kernels(measured(0, "sum (bytes written per second)"), measured(1, "copy"))
+    codecs = tuple(CodecRates(family, measured(2 + 2 * k, f"{text} encode with error feedback"),
+                              measured(3 + 2 * k, f"{text} decode"))
+                   for k, (family, text) in enumerate(CODEC_SPECS))
+    out = dataclasses.replace(topo.with_figures(tuple(levels), kernels), codecs=codecs)
     return dataclasses.replace(out, description=(topo.description + "; " if topo.description else "")
                                + f"probed in {took:.2f} s")

@@ -99,6 +99,8 @@ def test_two_nodes_of_two_get_both_levels_the_same_everywhere():
             assert f.source == "measured" and f.value > 0 and f.spread is not None and f.spread >= 0
             assert "repeats" in f.note
     assert probed.kernels.reduce.value > 0 and probed.kernels.copy.source == "measured"
+    assert [c.family for c in probed.codecs] == ["fp8", "onebit", "topk"]
+    assert all(c.encode.value > 0 and c.decode.source == "measured" for c in probed.codecs)
     assert probed.node_of == topo.node_of
 
 
