@@ -5,7 +5,8 @@ wrote, on a topology (a machine file the probes measured, or a preset).
 
 prints one line per (collective, algorithm, size, placement): measured, predicted, and
 the error (predicted - measured) / measured; then the median of the absolute errors and
-the largest. Rows of the engines (``mpi``, ``torch``) and fmcomm's ``native``/``auto``
+the largest. Compressed all-reduce rows (named by their spec) are priced from their
+plan of phases (``fmcomm.tuning.plans``). Rows of the engines (``mpi``, ``torch``) and fmcomm's ``native``/``auto``
 rows are skipped: the cost model prices fmcomm's own schedules only.
 """
 from __future__ import annotations
@@ -19,7 +20,21 @@ from typing import Iterable
 from ..dtypes import DTYPES
 from ..topology import presets
 from ..topology.model import Topology
+from ..compression import parse
+from ..errors import InvalidArgument
 from .cost import price
+from .plans import price_compressed_all_reduce
+
+
+def _is_compression(algo: str) -> bool:
+    """A compressed all-reduce's row: fmcomm bench names it by its spec (e.g. ``fp8:e4m3@inter``)."""
+    from ..algorithms import REGISTRY
+    if ("all_reduce", algo) in REGISTRY:
+        return False
+    try:
+        return parse(algo).enabled
+    except InvalidArgument:
+        return False
 
 
 def compare(rows: Iterable[dict], topo: Topology, placements=(False, True)) -> list[dict]:
@@ -31,7 +46,10 @@ def compare(rows: Iterable[dict], topo: Topology, placements=(False, True)) -> l
             raise ValueError(f"a row of {r.get('world')} ranks against a topology of {topo.world}")
         if r.get("time_us") is None:
             continue
-        predicted = price(r["collective"], r["algo"], topo, r["bytes"], DTYPES[r["dtype"]].itemsize).seconds
+        if r["collective"] == "all_reduce" and _is_compression(r["algo"]):
+            predicted = price_compressed_all_reduce(topo, r["bytes"], r["algo"]).seconds
+        else:
+            predicted = price(r["collective"], r["algo"], topo, r["bytes"], DTYPES[r["dtype"]].itemsize).seconds
         measured = r["time_us"] * 1e-6
         out.append({**{k: r[k] for k in ("collective", "algo", "bytes", "inplace")}, "measured_s": measured,
                     "predicted_s": predicted, "error": (predicted - measured) / measured})

@@ -37,3 +37,11 @@ def test_command_line(tmp_path, capsys):
     assert main([str(path), "--topology", "emulated-2x2-1gbit"]) == 0
     out = capsys.readouterr().out
     assert "hierarchical" in out and "all_gather" in out and "median |error|" in out
+
+
+def test_compressed_rows_are_priced_from_their_plan():
+    from fmcomm.tuning.plans import price_compressed_all_reduce
+    topo = presets.load("emulated-2x2-1gbit")
+    planned = price_compressed_all_reduce(topo, 1 << 24, "onebit@inter").seconds
+    cases = compare([row("onebit@inter", 1 << 24, planned * 1e6 * 2)], topo)
+    assert cases[0]["error"] == pytest.approx(-0.5)
