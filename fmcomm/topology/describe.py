@@ -51,6 +51,9 @@ def describe(topo: Topology, build: Optional[dict[str, Any]] = None, notes: bool
     if topo.kernels:
         k = topo.kernels
         lines.append(f"  kernels: reduce {_fig(k.reduce, rate(k.reduce.value))}, copy {_fig(k.copy, rate(k.copy.value))}")
+    if topo.codecs:
+        lines.append("  codecs: " + "; ".join(f"{c.family} encode {_fig(c.encode, rate(c.encode.value))}, "
+                                              f"decode {_fig(c.decode, rate(c.decode.value))}" for c in topo.codecs))
     for i, node in enumerate(topo.node_facts):
         if i and node == topo.node_facts[i - 1]:
             continue  # nodes alike: printed once
