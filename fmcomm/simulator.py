@@ -8,6 +8,8 @@ round, receives land, then local steps run in order.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from .dtypes import DType
@@ -110,10 +112,8 @@ def simulate(sched: Schedule, inputs: list[np.ndarray], dtype: DType, op: str,
 # cost model pricing the real schedules (fmcomm.tuning.cost). Thousands of ranks
 # are priced without building every rank's steps: see that module's docstring.
 
-import dataclasses as _dataclasses  # noqa: E402 - the pricing half keeps its imports beside it
 
-
-@_dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class SimRow:
     """One predicted case: an algorithm at a size."""
     collective: str
