@@ -33,17 +33,21 @@ built (see :func:`representatives`):
    node 1 are built and must equal their derived steps (the same peers; message sizes
    within one element, the rounding of ``chunk_bounds``). With the symmetry every node
    is alike, so node 0's resources stand for all.
-2. *One node for all.* Else, if nodes 0, 1 and the last are alike (the same loads on
-   their ports and links in every round), node 0's ranks are built and stand for all.
+2. *One node for all.* Else, beyond ``full_limit`` ranks, if nodes 0, 1 and the last
+   are alike (the same loads on their ports and links in every round), node 0's ranks
+   are built and stand for all.
 3. *Every rank*, up to ``full_limit`` ranks; beyond it the largest of the sampled
    nodes 0, 1, N/2 and N-1, an estimate that says so.
 
-**Many sizes from one build.** Message sizes grow in proportion to the count once
+**Many sizes from few builds.** Message sizes grow in proportion to the count once
 every part of the split holds at least one element and the algorithm's
 size-dependent parameters (pipeline chunks) have stopped changing. :class:`Pricer`
-builds the profile at the largest size first (checking the symmetry there, and
-trusting it at the other sizes), then at each size from the smallest until a profile
-agrees with the largest one after scaling; every larger size is priced from it, scaled.
+builds the largest size first (checking the symmetry in full there; at other sizes it
+is checked on rank 1 and, for ``rotate``, the first rank of node 1), bisects for the
+smallest size whose profile is the largest one scaled, and prices every size from
+there up by scaling. Smaller sizes are built one by one; where counts are too small
+for every rank to hold a part and the symmetry breaks, they are scaled down from the
+smallest symmetric profile instead, an estimate that says so.
 """
 from __future__ import annotations
 
