@@ -36,8 +36,9 @@ built (see :func:`representatives`):
 2. *One node for all.* Else, beyond ``full_limit`` ranks, if nodes 0, 1 and the last
    are alike (the same loads on their ports and links in every round), node 0's ranks
    are built and stand for all.
-3. *Every rank*, up to ``full_limit`` ranks; beyond it the largest of the sampled
-   nodes 0, 1, N/2 and N-1, an estimate that says so.
+3. *Every rank*, up to ``full_limit`` ranks or where the quickest single build so far,
+   p times, is within ``full_budget_s``; beyond that the largest of the sampled nodes 0, 1, N/2 and
+   N-1, an estimate that says so.
 
 **Many sizes from few builds.** Message sizes grow in proportion to the count once
 every part of the split holds at least one element and the algorithm's
@@ -54,6 +55,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import inspect
+import time
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -213,7 +215,7 @@ def _uniform(topo: Topology) -> Optional[int]:
 
 
 def representatives(collective: str, algo: str, topo: Topology, params: dict,
-                    full_limit: int = 256, trusted: str = "") -> Optional[Representatives]:
+                    full_limit: int = 256, trusted: str = "", full_budget_s: float = 1.0) -> Optional[Representatives]:
     """The ranks whose steps price the schedule (see the module docstring).
 
     ``trusted``: a symmetry ("shift", "rotate") this schedule was found to have at
@@ -225,10 +227,18 @@ def representatives(collective: str, algo: str, topo: Topology, params: dict,
     p = topo.world
     cache: dict[int, Light] = {}
 
+    durations: list[float] = []
+
     def built(r: int) -> Light:
         if r not in cache:
+            started = time.perf_counter()
             cache[r] = lighten(_call(collective, algo, r, p, params, topo))
+            durations.append(time.perf_counter() - started)
         return cache[r]
+
+    def affordable() -> bool:
+        # Every rank, where the quickest build so far (the first may fill caches), p times, fits the budget.
+        return p <= full_limit or min(durations) * p <= full_budget_s
 
     def every_rank() -> Representatives:
         return Representatives(join([built(r) for r in range(p)]), "every rank built", True)
@@ -263,7 +273,7 @@ def representatives(collective: str, algo: str, topo: Topology, params: dict,
             light = join([relabel(first, r, rotate(r)) for r in range(per)])
             return Representatives(light, "rank 0 built, the others derived by rotating local ranks and nodes",
                                    True, "rotate")
-        if trusted and p > full_limit:
+        if trusted and not affordable():
             return None
         # 2. one node for all
         if nodes >= 3 and p > full_limit:
@@ -272,6 +282,8 @@ def representatives(collective: str, algo: str, topo: Topology, params: dict,
             sig = {n: _resource_loads(groups[n], topo, relative=True) for n in sample}
             if all(_equal_loads(sig[0], sig[n]) for n in (1, nodes - 1)):
                 return Representatives(groups[0], "node 0 built: nodes 0, 1 and the last carry equal loads", True)
+            if affordable():
+                return every_rank()
             return Representatives(join(list(groups.values())),
                                    f"estimate: the busiest of nodes {', '.join(map(str, sample))} of {nodes} "
                                    f"(nodes differ, and every rank would take too long)", False)
@@ -401,6 +413,9 @@ def _estimate(collective, algo, world, nbytes, seconds, method, exact) -> Estima
     return Estimate(collective, algo, nbytes, seconds, busbw, method, exact)
 
 
+_SIZE_BUDGET_S = 0.6  # building every rank at one size of a sweep, at most (estimated from one rank's build)
+
+
 class Pricer:
     """Prices one algorithm over a sweep of sizes, building as few profiles as it can.
 
@@ -418,13 +433,19 @@ class Pricer:
        priced from the smallest symmetric profile scaled down - an estimate, marked so:
        the empty messages the real schedule drops are priced as tiny ones, so each
        round keeps its α.
+
+    Building every rank of a schedule without symmetry is allowed while it fits
+    ``full_budget_s`` seconds for the whole sweep (and ``_SIZE_BUDGET_S`` per size), so a
+    sweep of thousands of ranks stays within seconds; past it such sizes are sampled
+    estimates, marked so.
     """
 
     def __init__(self, collective: str, algo: str, topo: Topology, itemsize: int = 4, root: int = 0,
-                 full_limit: int = 256, rtol: float = 2e-3):
+                 full_limit: int = 256, rtol: float = 2e-3, full_budget_s: float = 1.0):
         self.collective, self.algo, self.topo = collective, algo, topo
         self.itemsize, self.root, self.full_limit, self.rtol = itemsize, root, full_limit, rtol
         self._symmetry = ""
+        self._budget_left = full_budget_s
         self.built = 0
 
     def _params(self, nbytes: int) -> dict:
@@ -436,8 +457,11 @@ class Pricer:
 
     def _build(self, nbytes: int) -> Optional[Profile]:
         self.built += 1
+        started = time.perf_counter()
         reps = representatives(self.collective, self.algo, self.topo, self._params(nbytes), self.full_limit,
-                               self._symmetry)
+                               self._symmetry, full_budget_s=min(_SIZE_BUDGET_S, self._budget_left))
+        if reps is not None and reps.method == "every rank built" and self.topo.world > self.full_limit:
+            self._budget_left -= time.perf_counter() - started
         if reps is None:
             return None
         self._symmetry = self._symmetry or reps.symmetry
