@@ -400,10 +400,10 @@ def price_schedule(sched: Schedule, topo: Topology, itemsize: int) -> float:
 
 
 def price(collective: str, algo: str, topo: Topology, nbytes: int, itemsize: int = 4, root: int = 0,
-          full_limit: int = 256) -> Estimate:
+          full_limit: int = 256, full_budget_s: float = 1.0) -> Estimate:
     """Predicted time of one collective of ``nbytes`` with schedule ``algo`` on ``topo``."""
     params = schedule_params(collective, topo.world, nbytes, itemsize, root)
-    reps = representatives(collective, algo, topo, params, full_limit)
+    reps = representatives(collective, algo, topo, params, full_limit, full_budget_s=full_budget_s)
     seconds = profile(reps, topo).seconds(itemsize)
     return _estimate(collective, algo, topo.world, nbytes, seconds, reps.method, reps.exact)
 

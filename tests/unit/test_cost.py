@@ -136,9 +136,10 @@ def test_fewer_ranks_built_gives_the_full_price(collective, algo, nodes, per):
     if algo == "hierarchical":
         kw["node_of"] = topo.node_of
     full = price_schedule(build(collective, algo, fn, p, *counts, **kw), topo, ITEM)
-    for limit in (0, 10_000):  # 0: the node-sampling path wherever no symmetry holds
-        reps = representatives(collective, algo, topo, params, full_limit=limit)
-        got = price(collective, algo, topo, nbytes, ITEM, full_limit=limit).seconds
+    # limit 0 and no budget: the node-sampling path wherever no symmetry holds
+    for limit, budget in ((0, 0.0), (0, 10.0), (10_000, 0.0)):
+        reps = representatives(collective, algo, topo, params, full_limit=limit, full_budget_s=budget)
+        got = price(collective, algo, topo, nbytes, ITEM, full_limit=limit, full_budget_s=budget).seconds
         if reps.exact:
             assert close(got, full), (reps.method, got, full)
         else:
