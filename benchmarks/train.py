@@ -123,6 +123,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
 import fmcomm.ddp  # noqa: E402
+import fmcomm.optim  # noqa: E402
 from fmcomm import compressed  # noqa: E402
 from fmcomm.launch import detect  # noqa: E402
 from train_model import Batches, CharGPT, load_corpus  # noqa: E402
@@ -131,12 +132,21 @@ ALL_CONFIGS = ["torch-default", "torch-fp16", "torch-powersgd-r1", "torch-powers
                "none", "fp8@inter", "onebit@inter", "topk:0.01@inter", "auto"]
 
 _MPI = None  # mpi4py's MPI module where this job came up through it
+# "momentum:<spec>": fmcomm.optim's OneBitSGD (or OneBitAdam with --optimizer adamw),
+# whose momentum travels compressed by <spec> after --start-iter warm-up steps.
+MOMENTUM = "momentum:"
 
 
 # ------------------------------------------------------------------ arguments
 
 def _check_config(name: str, start_iter: int) -> str | None:
     """None if ``name`` is a config, else why not."""
+    if name.startswith(MOMENTUM):
+        try:
+            fmcomm.compression.parse(name[len(MOMENTUM):])
+        except fmcomm.FmcommError as e:
+            return str(e)
+        return None
     if name in ("torch-default", "torch-allreduce", "torch-fp16"):
         return None
     if name.startswith("torch-powersgd-r"):
@@ -201,7 +211,10 @@ def parse_args(argv=None):
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--hash-bits", type=int, default=15, help="log2 buckets of each hashed n-gram table (15)")
-    ap.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (0.1)")
+    ap.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
+                    help="sgd (default: momentum --momentum) or adamw (weight decay 0.01); the "
+                         "momentum: configs take fmcomm.optim's OneBitSGD or OneBitAdam alike")
+    ap.add_argument("--lr", type=float, default=None, help="learning rate (SGD 0.1, AdamW 1e-3)")
     ap.add_argument("--momentum", type=float, default=0.9)
     ap.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (0: none)")
     ap.add_argument("--data-mb", type=float, default=8.0, help="MB of stdlib source to read (8)")
@@ -216,6 +229,8 @@ def parse_args(argv=None):
         ap.error("--start-iter must be >= 1 (DDP rebuilds its buckets after the first step)")
     if args.compute_steps is None:
         args.compute_steps = min(args.steps, 40)
+    if args.lr is None:
+        args.lr = 0.1 if args.optimizer == "sgd" else 1e-3
     args.config_list = parse_configs(args.configs, args.start_iter)
     return args
 
@@ -355,6 +370,19 @@ class Run:
             self.model.register_comm_hook(None, rec.wrap(
                 default_hooks.fp16_compress_hook,
                 before=lambda st, b: rec.add_ring(b.buffer().numel() * 2, ring_inter)))
+        elif name.startswith(MOMENTUM):
+            self.hooked = True
+            self.bytes_source = "counted"
+            model = self.model
+            # In the warm-up the optimizer's hook averages gradients uncompressed: counted
+            # by formula, as PyTorch's default (on one node they go to the process group).
+            model.register_comm_hook = lambda st, h: DDP.register_comm_hook(model, st, rec.wrap(
+                h, before=lambda s, b: rec.add_ring(b.buffer().numel() * b.buffer().element_size(), ring_inter)
+                if s.warming_up else None))
+            try:
+                self.optimizer = make_optimizer(net, args, ddp_model=model, compress=name[len(MOMENTUM):])
+            finally:
+                del model.register_comm_hook
         elif name.startswith("torch-powersgd-r"):
             self.hooked = True
             st = powerSGD_hook.PowerSGDState(process_group=None,
@@ -409,12 +437,19 @@ class Run:
             self.rec.add_ring(nbytes, self._ring_inter)
 
     def counted(self) -> tuple[int, int]:
+        if isinstance(self.optimizer, (fmcomm.optim.OneBitSGD, fmcomm.optim.OneBitAdam)):
+            if self.optimizer._comm is None:
+                return 0, 0
+            s = self.optimizer._comm.executor.stats
+            return s.wire_bytes, s.inter_node_bytes
         if self.state is None or self.state._comm is None:
             return 0, 0
         s = self.state.communicator().executor.stats
         return s.wire_bytes, s.inter_node_bytes
 
     def close(self) -> None:
+        if isinstance(self.optimizer, (fmcomm.optim.OneBitSGD, fmcomm.optim.OneBitAdam)):
+            self.optimizer.close()
         if self.state is not None:
             self.resolved = self.state.spec().text if self.state.compress == "auto" else self.name
             for comm in (self.state._small, self.state._comm):  # the second communicator first
@@ -436,8 +471,17 @@ def build_model(args) -> CharGPT:
     return CharGPT(d=args.d_model, layers=args.layers, heads=args.heads, ctx=args.ctx, bits=args.hash_bits)
 
 
-def make_optimizer(net, args):
-    return torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum)
+def make_optimizer(net, args, ddp_model=None, compress=None):
+    """PyTorch's SGD or AdamW; with ``compress``, fmcomm.optim's counterpart on ``ddp_model``."""
+    if compress is None:
+        if args.optimizer == "adamw":
+            return torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.01)
+        return torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum)
+    if args.optimizer == "adamw":
+        return fmcomm.optim.OneBitAdam(ddp_model, lr=args.lr, weight_decay=0.01, warmup_steps=args.start_iter,
+                                       compress=compress)
+    return fmcomm.optim.OneBitSGD(ddp_model, lr=args.lr, momentum=args.momentum, warmup_steps=args.start_iter,
+                                  compress=compress)
 
 
 def train_step(model, net, optimizer, x, y, clip: float) -> torch.Tensor:
@@ -759,7 +803,7 @@ def main(argv=None) -> int:
             "data": data_info, "torch": torch.__version__,
             "model": {"d_model": args.d_model, "layers": args.layers, "heads": args.heads, "ctx": args.ctx,
                       "hash_bits": args.hash_bits, "batch_per_rank": args.batch},
-            "optimizer": {"name": "SGD", "lr": args.lr, "momentum": args.momentum, "clip": args.clip},
+            "optimizer": {"name": args.optimizer, "lr": args.lr, "momentum": args.momentum, "clip": args.clip},
             "args": {k: v for k, v in vars(args).items() if k != "config_list"}}
     if rank == 0:
         print(f"train.py: {world} ranks ({how}; {nodes} node(s)), {threads} thread(s)/rank; "

@@ -54,9 +54,11 @@ class _MomentumExchange(torch.optim.Optimizer):
     """What both optimizers share: the hook, the warm-up switch, the exchange of momenta.
 
     Subclasses define ``_warm_up_update`` (the PyTorch optimizer's step on averaged
-    gradients), ``_local_momentum`` (this rank's gradient folded into its momentum,
-    and what it sends, both new tensors: the state changes only once every rank's
-    are finite) and ``_apply`` (the update from the averaged momentum).
+    gradients), ``_initial_momentum`` (where each rank's own momentum starts),
+    ``_fold`` (this rank's gradient into its momentum, and into ``send`` what it
+    sends, where that is another buffer) and ``_apply`` (the update from the averaged momentum).
+    Momenta live in flat float32 buffers (``_local``, ``_send``, ``_avg``), so the
+    exchange is one call and no copy per step.
     """
 
     def __init__(self, ddp_model, defaults: dict, *, warmup_steps: int, compress: str,
@@ -79,6 +81,7 @@ class _MomentumExchange(torch.optim.Optimizer):
         self.error_feedback = ErrorFeedback()
         self._group = getattr(ddp_model, "process_group", None)
         self._comm = None
+        self._flat = None  # the flat buffers' layout (see _layout), made on the first exchange step
         self._hook_state = fmcomm_ddp.HookState(self._group, compress="none", start_iter=0)
         try:
             ddp_model.register_comm_hook(self, _hook)
@@ -119,67 +122,93 @@ class _MomentumExchange(torch.optim.Optimizer):
                 for p in group["params"]:
                     if p.grad is not None:
                         self._warm_up_update(p, group)
-                        # Elements whose averaged gradient stayed exactly zero all warm-up
-                        # (padding rows, parameters no input reaches) are masked after it:
-                        # 1-bit codes cannot carry a zero, and would set them moving.
+                        # Parameters whose averaged gradient stayed exactly zero all warm-up
+                        # (no input reaches them yet) are masked after it, until one does.
                         state = self.state[p]
-                        seen = _as_mask(state.get("nonzero"), p)
-                        state["nonzero"] = seen | (p.grad != 0)
+                        reached = bool(p.grad.ne(0).any())
+                        state["nonzero"] = torch.tensor(bool(state.get("nonzero", False)) or reached)
             self.steps_taken += 1
             return loss
         self._exchange_step()
         self.steps_taken += 1
         return loss
 
-    def _params(self):
-        return [(p, group) for group in self.param_groups for p in group["params"] if p.grad is not None]
+    def _layout(self) -> list:
+        """(parameter, group, offset, count) of every parameter in the flat buffers, made on
+        the first exchange step (and after a load): the compressed ones first, then those
+        below ``compress_min_bytes``. Each parameter's ``state["local"]`` (its momentum of
+        this rank's gradients) becomes a view of ``self._local``."""
+        if self._flat is not None:
+            return self._flat
+        params = [(p, g) for g in self.param_groups for p in g["params"]]
+        big = [(p, g) for p, g in params if p.numel() * 4 >= self.compress_min_bytes]
+        small = [(p, g) for p, g in params if p.numel() * 4 < self.compress_min_bytes]
+        total = sum(p.numel() for p, _ in params)
+        device = params[0][0].device if params else torch.device("cpu")
+        self._local = torch.zeros(total, dtype=torch.float32, device=device)
+        self._send = torch.zeros_like(self._local) if self._sends_direction() else self._local
+        self._avg = torch.zeros_like(self._local)
+        self._split = sum(p.numel() for p, _ in big)  # elements compressed, from the start
+        layout, at = [], 0
+        for p, g in big + small:
+            state = self._end_warm_up_state(p)
+            view = self._local[at:at + p.numel()].view_as(p)
+            view.copy_(state["local"] if "local" in state else self._initial_momentum(p, state))
+            state["local"] = view
+            layout.append((p, g, at, p.numel()))
+            at += p.numel()
+        self._flat = layout
+        return layout
+
+    def _sends_direction(self) -> bool:
+        return False
 
     def _exchange_step(self) -> None:
         comm = self.communicator()
-        params = self._params()
-        # (this rank's new momentum, what it sends): kept aside until every rank is finite.
-        folded = [self._local_momentum(p, group) for p, group in params]
-        momenta = [send for _, send in folded]
-        finite = torch.tensor([all(bool(torch.isfinite(m).all()) for m in momenta)], dtype=torch.int32)
-        comm.all_reduce(finite, op="min")
-        if not bool(finite[0]):
+        layout = self._layout()
+        # One small agreement: whether any rank's gradient is non-finite (slot 0), and
+        # which masked parameters some rank's gradient now reaches (the rest).
+        masked = [i for i, (p, _, _, _) in enumerate(layout) if self.state[p].get("masked", False)]
+        flags = torch.zeros(1 + len(masked), dtype=torch.int32)
+        flags[0] = int(any(p.grad is not None and not bool(torch.isfinite(p.grad).all()) for p, _, _, _ in layout))
+        for j, i in enumerate(masked):
+            g = layout[i][0].grad
+            flags[1 + j] = int(g is not None and bool(g.ne(0).any()))
+        comm.all_reduce(flags, op="max")
+        if flags[0]:
             # Some rank's gradient held NaN or infinity: nobody's state moves this step.
             self.skipped_steps += 1
             log.warning("fmcomm.optim: step %d skipped: a gradient held NaN or infinity on some rank "
                         "(momenta and parameters unchanged)", self.steps_taken)
             return
-        for (p, _), (local, _) in zip(params, folded):
-            self.state[p]["local"] = local
-        big = [(i, m) for i, m in enumerate(momenta) if m.numel() * 4 >= self.compress_min_bytes]
-        small = [(i, m) for i, m in enumerate(momenta) if m.numel() * 4 < self.compress_min_bytes]
-        averaged: list = [None] * len(momenta)
-        for part, spec in ((big, self.spec), (small, None)):
-            if not part:
-                continue
-            flat = torch.cat([m.reshape(-1).float() for _, m in part])
-            comm.all_reduce(flat, op="avg", compress=spec if spec is not None and spec.enabled else None,
-                            state=self.error_feedback if spec is not None and spec.enabled else None,
-                            key=_KEY if spec is not None and spec.enabled else None)
-            at = 0
-            for i, m in part:
-                averaged[i] = flat[at:at + m.numel()].view_as(m)
-                at += m.numel()
-        for (p, group), local, avg in zip(params, momenta, averaged):
+        for j, i in enumerate(masked):
+            if flags[1 + j]:
+                self.state[layout[i][0]]["masked"] = False  # reached at last: it travels from now on
+        for p, group, at, n in layout:
+            g = p.grad if p.grad is not None else torch.zeros_like(p)
+            self._fold(p, group, g, self._send[at:at + n].view_as(p))
+        for lo, hi, spec in ((0, self._split, self.spec), (self._split, self._local.numel(), None)):
+            if hi > lo:
+                coded = spec is not None and spec.enabled
+                comm.all_reduce(self._send[lo:hi], output=self._avg[lo:hi], op="avg",
+                                compress=spec if coded else None, state=self.error_feedback if coded else None,
+                                key=_KEY if coded else None)
+        for p, group, at, n in layout:
             state = self.state[p]
-            mask = state.get("mask")
-            if mask is not None:
-                mask = mask.bool()  # a loaded checkpoint holds it in the parameter's dtype
-                avg = avg.masked_fill(mask, 0.0)
-                state["local"].masked_fill_(mask, 0.0)
-            self._apply(p, group, state["local"], avg.to(p.dtype) if avg.dtype != p.dtype else avg)
+            avg = self._avg[at:at + n].view_as(p)
+            if state.get("masked", False):
+                state["local"].zero_()
+                continue  # no gradient reached it anywhere: nothing to apply
+            self._apply(p, group, avg.to(p.dtype) if avg.dtype != p.dtype else avg)
 
     def _end_warm_up_state(self, p) -> dict:
-        """The per-parameter state the exchange starts from (made on its first step)."""
+        """The per-parameter state the exchange starts from: under a compressor that
+        cannot carry a zero (1-bit), a parameter no rank's gradient reached in the whole
+        warm-up is masked (it would be set moving) until one does."""
         state = self.state[p]
-        if "local" not in state:
-            seen = state.pop("nonzero", None)
-            if seen is not None and not bool(seen.bool().all()):
-                state["mask"] = ~seen.bool()
+        seen = state.pop("nonzero", None)
+        if seen is not None and self.spec.enabled and not self.spec.compressor.carries_zero:
+            state["masked"] = not bool(seen.bool().any())
         return state
 
     # --------------------------------------------------------- checkpoints
@@ -202,12 +231,8 @@ class _MomentumExchange(torch.optim.Optimizer):
         self.steps_taken = int(ours["steps_taken"])
         self.skipped_steps = int(ours.get("skipped_steps", 0))
         self.error_feedback.load_state_dict(ours["error_feedback"])
+        self._flat = None  # rebuilt from the loaded momenta at the next exchange step
         self._hook_state.load_state_dict(ours["hook"])
-
-
-def _as_mask(t, p) -> torch.Tensor:
-    """A boolean tensor like ``p``: ``t`` (which a loaded checkpoint may hold as floats) or zeros."""
-    return torch.zeros_like(p, dtype=torch.bool) if t is None else t.bool()
 
 
 def _hook(opt: "_MomentumExchange", bucket) -> torch.futures.Future[torch.Tensor]:
@@ -260,16 +285,17 @@ class OneBitAdam(_MomentumExchange):
         denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2 ** t)).add_(group["eps"])
         p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1 ** t))
 
-    def _local_momentum(self, p, group):
-        state = self._end_warm_up_state(p)
-        if "local" not in state:
-            state["local"] = state["exp_avg"].clone()  # every rank starts from the averaged moment
-            state["variance_step"] = state["step"]
-        beta1, _ = group["betas"]
-        local = state["local"].lerp(p.grad, 1 - beta1)
-        return local, local
+    def _initial_momentum(self, p, state) -> torch.Tensor:
+        state["variance_step"] = state["step"]
+        return state["exp_avg"]  # every rank starts from the averaged moment
 
-    def _apply(self, p, group, local, averaged) -> None:
+    def _fold(self, p, group, g, send) -> None:
+        local = self.state[p]["local"]
+        local.lerp_(g.float() if g.dtype != torch.float32 else g, 1 - group["betas"][0])
+        if send.data_ptr() != local.data_ptr():
+            send.copy_(local)
+
+    def _apply(self, p, group, averaged) -> None:
         state = self.state[p]
         beta1, beta2 = group["betas"]
         previous = state["exp_avg"]
@@ -280,7 +306,7 @@ class OneBitAdam(_MomentumExchange):
             grad = (averaged - beta1 * previous) / (1 - beta1)
             state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
             state["variance_step"] = t
-        state["exp_avg"] = averaged.clone()
+        state["exp_avg"].copy_(averaged)
         p.mul_(1 - group["lr"] * group["weight_decay"])
         denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2 ** state["variance_step"])).add_(group["eps"])
         p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1 ** t))
@@ -324,19 +350,22 @@ class OneBitSGD(_MomentumExchange):
         step = g.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
         p.add_(step, alpha=-group["lr"])
 
-    def _local_momentum(self, p, group):
-        state = self._end_warm_up_state(p)
-        if "local" not in state:
-            state["local"] = state["momentum_buffer"].clone()
+    def _initial_momentum(self, p, state) -> torch.Tensor:
+        return state["momentum_buffer"]
+
+    def _sends_direction(self) -> bool:
+        return any(g["nesterov"] for g in self.param_groups)
+
+    def _fold(self, p, group, g, send) -> None:
+        local = self.state[p]["local"]
         g = self._decayed(p, group)
-        local = state["local"].mul(group["momentum"]).add_(g)
+        local.mul_(group["momentum"]).add_(g)
         if group["nesterov"]:
             # What Nesterov's step moves by, g + momentum * buffer, averaged over the ranks.
-            return local, g.add(local, alpha=group["momentum"])
-        return local, local
+            torch.add(g, local, alpha=group["momentum"], out=send)
+        elif send.data_ptr() != local.data_ptr():
+            send.copy_(local)
 
-    def _apply(self, p, group, local, averaged) -> None:
-        state = self.state[p]
-        if not group["nesterov"]:
-            state["momentum_buffer"] = averaged.clone()
+    def _apply(self, p, group, averaged) -> None:
+        self.state[p].pop("momentum_buffer", None)  # each rank's own momentum ("local") carries on
         p.add_(averaged, alpha=-group["lr"])

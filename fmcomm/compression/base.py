@@ -91,6 +91,8 @@ class Compressor(abc.ABC):
     # only, so the result is the same in any order of the values (callers that
     # reorder values for a stable layout need not).
     elementwise: bool = False
+    # A zero decodes as a zero (every code but a sign's: 1-bit sends +-scale for it).
+    carries_zero: bool = True
 
     @abc.abstractmethod
     def payload_bytes(self, n: int) -> int:

@@ -34,6 +34,7 @@ class _OneBitCodec(SymmetricCodec):
 class OneBitCompressor(Compressor):
     name = "onebit"
     error_feedback = True
+    carries_zero = False
 
     def payload_bytes(self, n: int) -> int:
         return _HEAD + -(-n // 8)

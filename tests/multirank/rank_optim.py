@@ -155,10 +155,11 @@ def main():
             hashes, losses = train(model, opt, 30, dtype=dtype)
             first, last, ref = sum(losses[:5]) / 5, sum(losses[-5:]) / 5, sum(ref_losses[-5:]) / 5
             dead = float((model.module.dead.detach().float() - 0.5).abs().max())
-            # The dead parameter has no gradient ever, so it is masked after the warm-up:
-            # only weight decay moves it (AdamW's 1e-2, decoupled: 30 steps shrink it by
-            # 1 - (1 - lr * 1e-2)^30; SGD's 1e-4 through the warm-up's momentum).
-            decay = 0.5 * (1 - (1 - LR * 1e-2) ** 30) if kind == "adam" else 1e-4
+            # The dead parameter has no gradient ever: only weight decay may move it
+            # (AdamW's 1e-2, decoupled: 30 steps shrink it by 1 - (1 - lr * 1e-2)^30;
+            # SGD's 1e-4, coupled, through a momentum of up to 10x: 30 * lr * 1e-4 * 0.5
+            # * 10 = 1.5e-4). Under onebit, which cannot carry its zero, it is masked.
+            decay = 0.5 * (1 - (1 - LR * 1e-2) ** 30) if kind == "adam" else 1.5e-4
             ok = (all(math.isfinite(x) for x in losses) and last < first and last <= 1.1 * ref
                   and dead <= decay * 1.01 + 1e-6)
             return {"ok": ok, "first": first, "last": last, "uncompressed_last": ref, "dead_moved": dead,
