@@ -117,7 +117,7 @@ class Communicator:
         self.transport = transport
         self.config = config or Config.from_env()
         self.rank, self.world = transport.rank, transport.world
-        self.topology = topology.detect(transport, self.config.node_id, self.config.timeout)
+        self.topology = topology.detect(transport, self.config.node_id, self.config.timeout, self.config.topo_file)
         self.use_native = resolve_native(self.config.native)
         self.executor = Executor(transport, self.config.timeout, self.config.check)
         self._seq = 0
