@@ -4,7 +4,7 @@ A compressor turns float32 values into a fixed-size byte payload and back; it kn
 nothing about ranks (the compressed collective in ``fmcomm/compressed.py`` does the
 exchange). Every family is named by a spec string::
 
-    none | fp16 | bf16 | fp8[:e4m3|:e5m2][,block=N] | onebit | topk:RATIO      each optionally @inter
+    none | fp16 | bf16 | fp8[:e4m3|:e5m2][,block=N] | onebit[:block=N] | topk:RATIO      each optionally @inter
 
 ``@inter`` compresses only between nodes (full precision inside a node); without it
 every link carries compressed data. :func:`parse` checks a spec and says what is
@@ -18,7 +18,7 @@ from ..errors import InvalidArgument
 from .base import Codec, Compressor
 from .casts import CastCompressor
 from .fp8 import FP8Compressor
-from .onebit import OneBitCompressor
+from .onebit import BlockOneBitCompressor, OneBitCompressor
 from .state import ErrorFeedback
 from .topk import TopKCompressor
 
@@ -69,6 +69,20 @@ def _topk(args: list[str], spec: str) -> Compressor:
     return TopKCompressor(ratio)
 
 
+def _onebit(args: list[str], spec: str) -> Compressor:
+    if not args:
+        return OneBitCompressor()
+    if len(args) == 1 and args[0].startswith("block="):
+        try:
+            block = int(args[0][len("block="):])
+        except ValueError:
+            block = -1
+        if block >= 8 and block % 8 == 0:
+            return BlockOneBitCompressor(block)
+        raise InvalidArgument(f"compress={spec!r}: onebit's block must be a positive multiple of 8, got {args[0]!r}")
+    raise InvalidArgument(f"compress={spec!r}: unknown onebit option {args[0]!r}; use block=N")
+
+
 def _no_args(family: str, make):
     def build(args: list[str], spec: str) -> Compressor:
         if args:
@@ -81,7 +95,7 @@ _BUILDERS = {
     "fp16": _no_args("fp16", lambda: CastCompressor("fp16")),
     "bf16": _no_args("bf16", lambda: CastCompressor("bf16")),
     "fp8": _fp8,
-    "onebit": _no_args("onebit", OneBitCompressor),
+    "onebit": _onebit,
     "topk": _topk,
 }
 
@@ -116,4 +130,4 @@ def parse(spec: "str | CompressionSpec | None") -> CompressionSpec:
 
 
 __all__ = ["parse", "CompressionSpec", "Compressor", "Codec", "ErrorFeedback", "FAMILIES",
-           "CastCompressor", "FP8Compressor", "OneBitCompressor", "TopKCompressor"]
+           "BlockOneBitCompressor", "CastCompressor", "FP8Compressor", "OneBitCompressor", "TopKCompressor"]

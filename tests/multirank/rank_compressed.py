@@ -42,7 +42,7 @@ from fmcomm.compression.fp8 import FMAX  # noqa: E402
 from fmcomm.errors import NonFiniteError  # noqa: E402
 from fmcomm.schedule import chunk_bounds  # noqa: E402
 
-FAMILIES = ("fp16", "bf16", "fp8", "fp8:e5m2", "fp8:block=64", "onebit", "topk:0.01", "topk:0.3")
+FAMILIES = ("fp16", "bf16", "fp8", "fp8:e5m2", "fp8:block=64", "onebit", "onebit:block=64", "topk:0.01", "topk:0.3")
 SIZES = (0, 1, 7, 10_007)
 STEPS = 100
 

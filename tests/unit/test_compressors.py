@@ -38,6 +38,7 @@ def roundtrip(spec, x, world=1, residual=None):
 @pytest.mark.parametrize("spec, text, level", [
     ("fp8", "fp8:e4m3", "all"), ("FP8@inter", "fp8:e4m3@inter", "inter"), ("fp8:e5m2", "fp8:e5m2", "all"),
     ("fp8:block=256", "fp8:e4m3,block=256", "all"), ("onebit@inter", "onebit@inter", "inter"),
+    ("onebit:block=64@inter", "onebit:block=64@inter", "inter"),
     ("topk:0.01", "topk:0.01", "all"), ("bf16", "bf16", "all"), ("none", "none", "all"), (None, "none", "all"),
 ])
 def test_parse_gives_canonical_names(spec, text, level):
@@ -49,7 +50,7 @@ def test_parse_gives_canonical_names(spec, text, level):
 @pytest.mark.parametrize("spec, words", [
     ("zip", "unknown compressor"), ("topk", "one ratio"), ("topk:0", "(0, 1]"), ("topk:1.5", "(0, 1]"),
     ("topk:abc", "not a number"), ("fp8:e3m4", "unknown fp8 option"), ("fp8:block=0", "positive"),
-    ("onebit:2", "no options"), ("fp8@intra", "unknown level"), ("none@inter", "no options"), (3, "string"),
+    ("onebit:2", "unknown onebit option"), ("onebit:block=12", "multiple of 8"), ("fp8@intra", "unknown level"), ("none@inter", "no options"), (3, "string"),
 ])
 def test_parse_rejects_bad_specs_saying_why(spec, words):
     with pytest.raises(InvalidArgument, match=words.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
@@ -93,7 +94,7 @@ def test_fp8_per_block_scales_follow_each_block():
     assert torch.allclose(got, x, rtol=2.0 ** -4)  # one shared scale would flush the small block to zero
 
 
-@pytest.mark.parametrize("spec", ["fp8", "fp8:block=16", "onebit", "topk:0.1", "fp16", "bf16"])
+@pytest.mark.parametrize("spec", ["fp8", "fp8:block=16", "onebit", "onebit:block=16", "topk:0.1", "fp16", "bf16"])
 def test_a_zero_bucket_gives_zeros(spec):
     x = torch.zeros(100)
     r = torch.zeros(100) if parse(spec).compressor.error_feedback else None
@@ -113,6 +114,17 @@ def test_onebit_is_sign_times_mean_magnitude_with_exact_feedback():
     assert torch.allclose(got + r, x, rtol=0, atol=2.0 ** -22 * (scale + float(x.abs().max())))
 
 
+def test_onebit_blocks_keep_each_blocks_magnitude_with_exact_feedback():
+    torch.manual_seed(2)
+    x = torch.cat([torch.randn(64) * 1e-3, torch.randn(64) * 1e3, torch.randn(37)])  # a short last block
+    r = torch.zeros(x.numel())
+    got = roundtrip("onebit:block=64", x, residual=r)
+    for lo, hi in ((0, 64), (64, 128), (128, x.numel())):
+        scale = float(x[lo:hi].abs().double().mean())
+        assert torch.allclose(got[lo:hi], torch.where(x[lo:hi] < 0, -scale, scale), rtol=1e-6, atol=0)
+    assert torch.allclose(got + r, x, rtol=0, atol=2.0 ** -22 * 2 * float(x.abs().max()))
+
+
 def test_topk_keeps_the_largest_and_remembers_the_rest():
     x = torch.tensor([0.1, -5.0, 0.2, 3.0, -0.3, 4.0, 0.0, -2.0])
     r = torch.zeros(8)
@@ -126,7 +138,7 @@ def test_k_for(ratio, n, k):
     assert k_for(ratio, n) == k
 
 
-@pytest.mark.parametrize("spec", ["fp16", "bf16", "fp8", "fp8:block=8", "onebit", "topk:0.25"])
+@pytest.mark.parametrize("spec", ["fp16", "bf16", "fp8", "fp8:block=8", "onebit", "onebit:block=8", "topk:0.25"])
 @pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 1000])
 def test_payload_sizes_are_what_the_codec_writes(spec, n):
     c = parse(spec).compressor
@@ -138,7 +150,8 @@ def test_payload_sizes_are_what_the_codec_writes(spec, n):
 
 
 @pytest.mark.parametrize("spec, u", [("fp16", 2.0 ** -11), ("bf16", 2.0 ** -8), ("fp8", 2.0 ** -4),
-                                     ("fp8:block=8", 2.0 ** -4), ("onebit", None), ("topk:0.25", None)])
+                                     ("fp8:block=8", 2.0 ** -4), ("onebit", None), ("onebit:block=8", None),
+                                     ("topk:0.25", None)])
 def test_owner_adds_its_own_values_uncoded_in_the_contributions_scale(spec, u):
     """The owner's own share goes into the sum as a decoded contribution would, less the rounding."""
     c = parse(spec).compressor
@@ -162,7 +175,8 @@ def test_owner_adds_its_own_values_uncoded_in_the_contributions_scale(spec, u):
     assert ((coded - own).abs() <= u * own.abs() + 2.0 ** -10 * float(x.abs().max()) / 448 * 2).all()
 
 
-@pytest.mark.parametrize("spec", ["fp16", "bf16", "fp8", "fp8:e5m2", "fp8:block=8", "onebit", "topk:0.25"])
+@pytest.mark.parametrize("spec", ["fp16", "bf16", "fp8", "fp8:e5m2", "fp8:block=8", "onebit", "onebit:block=8",
+                                  "topk:0.25"])
 @pytest.mark.parametrize("world, divisor", [(3, 3), (4, 4), (2, 6), (5, 1)])
 def test_decode_sum_divides_to_the_bits_a_second_pass_gives(spec, world, divisor):
     """An average's division folded into the decode changes no bit of the result.
