@@ -30,9 +30,11 @@ Example::
     for x, y in data:
         loss_fn(model(x), y).backward(); opt.step(); opt.zero_grad()
 """
+import atexit
 import logging
 import math
 import os
+import weakref
 from typing import Any
 
 import torch
@@ -101,6 +103,7 @@ class _MomentumExchange(torch.optim.Optimizer):
             check = None if "FMCOMM_CHECK" in os.environ else False
             config = Config.from_env(transport="torch", check=check)
             self._comm = Communicator(TorchTransport.private(self._group, config.timeout, "optim"), config)
+            _LIVE.add(self)
         return self._comm
 
     def close(self) -> None:
@@ -233,6 +236,20 @@ class _MomentumExchange(torch.optim.Optimizer):
         self.error_feedback.load_state_dict(ours["error_feedback"])
         self._flat = None  # rebuilt from the loaded momenta at the next exchange step
         self._hook_state.load_state_dict(ours["hook"])
+
+
+# Optimizers whose communicator is open: closed at interpreter exit, so that no group
+# of theirs is torn down under a finishing interpreter.
+_LIVE: "weakref.WeakSet[_MomentumExchange]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_optimizers() -> None:
+    for opt in list(_LIVE):
+        try:
+            opt.close()
+        except Exception:  # noqa: BLE001 - at exit, a failed peer must not stop the others' release
+            log.debug("fmcomm.optim: closing an optimizer's communicator failed", exc_info=True)
 
 
 def _hook(opt: "_MomentumExchange", bucket) -> torch.futures.Future[torch.Tensor]:

@@ -36,19 +36,31 @@ class TorchTransport(Transport):
     """
     name = "torch"
 
-    def __init__(self, group=None, *, _backend=None, _prefix: str = "", _store=None):
+    def __init__(self, group=None, *, _backend=None, _prefix: str = ""):
         if not dist.is_available() or not dist.is_initialized():
             raise InitError("transport 'torch' needs an initialized torch.distributed process group")
         self.group = group
+        # fmcomm's own backend where it made one. A borrowed default group is looked up
+        # at each use (``_pg``), never held: held past the caller's
+        # destroy_process_group(), it was torn down at interpreter exit, where gloo's
+        # threads sometimes aborted the process ("terminate called without an active
+        # exception", 5 runs in 10 of a torchrun test).
+        self._own = _backend
+        self._closed = False
         if _backend is None:
-            self._pg = group if group is not None else dist.distributed_c10d._get_default_group()
             self.backend = str(dist.get_backend(group)).lower()
-            self._store = _group_store(self._pg)
             self._prefix = f"fmcomm/{_group_name(self._pg)}"
         else:
-            self._pg, self.backend, self._store, self._prefix = _backend, str(_backend.name()).lower(), _store, _prefix
-        self._owned = _backend is not None
+            self.backend, self._prefix = str(_backend.name()).lower(), _prefix
         self.rank, self.world = self._pg.rank(), self._pg.size()
+
+    @property
+    def _pg(self):
+        if self._own is not None:
+            return self._own
+        if self._closed:
+            raise InitError(f"rank {self.rank}: this fmcomm group was closed")
+        return self.group if self.group is not None else dist.distributed_c10d._get_default_group()
 
     @classmethod
     def private(cls, group=None, timeout: float = 300.0, purpose: str = "private") -> "TorchTransport":
@@ -68,10 +80,15 @@ class TorchTransport(Transport):
         if self.rank not in ranks:
             return None
         prefix = f"{self._prefix}/{purpose}{serial}-{'.'.join(map(str, ranks))}"
-        store = dist.PrefixStore(prefix + "/", self._store)
+        # The store is looked up here and not kept: a store held past the caller's
+        # destroy_process_group() was torn down at interpreter exit, where its client
+        # thread sometimes aborted the process ("terminate called without an active
+        # exception").
+        parent = self.group if self.group is not None else dist.distributed_c10d._get_default_group()
+        store = dist.PrefixStore(prefix + "/", _group_store(parent))
         backend = private_backend(self.backend, store, ranks.index(self.rank), len(ranks), timeout,
                                   f"rank {self.rank}: {purpose} group of ranks {ranks}")
-        return TorchTransport(self.group, _backend=backend, _prefix=prefix, _store=self._store)
+        return TorchTransport(self.group, _backend=backend, _prefix=prefix)
 
     def byte_view(self, t: torch.Tensor) -> Any:
         on_gpu = t.device.type == "cuda"
@@ -122,8 +139,8 @@ class TorchTransport(Transport):
 
     def close(self) -> None:
         # Only the groups fmcomm made are fmcomm's to drop; the caller's stays theirs.
-        if self._owned and self._pg is not None:
-            self._pg = None
+        if self._own is not None:
+            self._own, self._closed = None, True
 
 
 def _group_store(pg):
