@@ -72,7 +72,7 @@ STATE_FORMAT = 2
 
 @dataclasses.dataclass
 class _Held:
-    """A bucket whose averaging waits for the end of the backward pass (see ``_regroup``)."""
+    """A bucket whose averaging waits for the end of the backward pass (see ``_regroup_held``)."""
     grads: torch.Tensor
     entries: list  # (parameter position, offset in the bucket, element count)
     done: "torch.futures.Future[torch.Tensor]"
@@ -145,7 +145,7 @@ class HookState:
         self._summed_now: "list[tuple[str, list[int]]]" = []  # this backward's buckets so far, as summed
         self._held: list[_Held] = []
         self._works: list = []  # this backward's fmcomm work, waited for at its end
-        self._routes: list[str] = []  # this backward's buckets, how each travels (for summary())
+        self._routes: list[_Route] = []  # this backward's buckets, how each travels (for summary())
         self._route_text: "str | None" = None  # the first compressing step's routes, kept for summary()
         self._warm_up_text: "str | None" = None  # the last uncompressed step's routes
         # The checkpoint's last step (key -> order), while the first step after a load
@@ -172,8 +172,8 @@ class HookState:
         ``weights_only=True``."""
         return {"format": STATE_FORMAT, "step": self.step, "compress": self.compress,
                 "start_iter": self.start_iter, "error_feedback": self.error_feedback.state_dict(),
-                "layouts": {k: list(v) for k, v in self._layouts.items()}, "last_step": [[k, list(o)] for k, o in self._last_step],
-                "numels": list(self._numels)}
+                "layouts": {k: list(v) for k, v in self._layouts.items()},
+                "last_step": [[k, list(o)] for k, o in self._last_step], "numels": list(self._numels)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not isinstance(state, dict):
@@ -240,18 +240,7 @@ class HookState:
     def communicator(self) -> Communicator:
         """The fmcomm communicator, on a group of its own over the model's ranks (made on first use)."""
         if self._comm is None:
-            from .transport.torch_dist import TorchTransport
-            if not dist.is_initialized():
-                raise InvalidArgument("fmcomm.ddp: torch.distributed is not initialized; call "
-                                      "init_process_group before training")
-            # DDP itself keeps every rank's buckets alike (it checks the parameters'
-            # shapes across ranks and hands rank 0's rebuilt layout to all), so the hook
-            # agrees on its arguments once per bucket (``_agree``) instead of in a header
-            # round before every collective, which cost 10% of a step on one box.
-            # FMCOMM_CHECK set by the user still decides.
-            check = None if "FMCOMM_CHECK" in os.environ else False
-            config = Config.from_env(transport="torch", check=check)
-            self._comm = Communicator(TorchTransport.private(self.process_group, config.timeout, "ddp"), config)
+            self._comm = private_communicator(self.process_group, "ddp")
         return self._comm
 
     def small_communicator(self) -> Communicator:
@@ -313,18 +302,37 @@ class HookState:
         self._numels = mine
 
 
-# States not yet closed: closed at interpreter exit, so that no worker thread or
+def private_communicator(process_group, purpose: str) -> Communicator:
+    """An fmcomm communicator on a group of its own over ``process_group``'s ranks (a
+    collective over them), for traffic that must never meet DDP's on its group.
+
+    DDP itself keeps every rank's buckets alike (it checks the parameters' shapes
+    across ranks and hands rank 0's rebuilt layout to all), so the hook agrees on its
+    arguments once per bucket (``_agree``) instead of before every collective, which
+    cost 10% of a step on one box. FMCOMM_CHECK set by the user still decides.
+    """
+    from .transport.torch_dist import TorchTransport
+    if not dist.is_initialized():
+        raise InvalidArgument(f"fmcomm.{purpose}: torch.distributed is not initialized; call "
+                              f"init_process_group before training")
+    check = None if "FMCOMM_CHECK" in os.environ else False
+    config = Config.from_env(transport="torch", check=check)
+    return Communicator(TorchTransport.private(process_group, config.timeout, purpose), config)
+
+
+# What holds fmcomm's communicators and is not yet closed (hook states, the
+# optimizers of fmcomm.optim): closed at interpreter exit, so that no worker thread or
 # group of theirs is left to be torn down under a finishing interpreter.
-_LIVE: "weakref.WeakSet[HookState]" = weakref.WeakSet()
+_LIVE: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
 
-def _close_quietly(state: "HookState") -> None:
-    """close() where nobody is left to hear of an earlier failure (the model collected,
-    the interpreter exiting): that failure was raised to the caller when it happened."""
+def _close_quietly(owner) -> None:
+    """``owner.close()`` where nobody is left to hear of an earlier failure (the model
+    collected, the interpreter exiting): that failure was raised when it happened."""
     try:
-        state.close()
+        owner.close()
     except Exception:  # noqa: BLE001
-        log.debug("fmcomm.ddp: closing a hook state failed", exc_info=True)
+        log.debug("fmcomm: closing %s failed", type(owner).__name__, exc_info=True)
 
 
 @atexit.register
@@ -400,15 +408,14 @@ def _uncompressed_bucket(state: "HookState", comm, index: int, grads: torch.Tens
     """Warm-up steps and ``compress="none"``: summed as DDP lays the bucket out."""
     why = "compress='none'" if not state.spec().enabled else f"warm-up: step {state.step} < start_iter"
     state._summed_now.append((key, order))
-    agree = (key, "none", grads.numel(), str(grads.dtype), False)
+    agree = _agreement(key, None, grads, False)
     if state.hands_uncompressed_to_group():
         state._routes.append(_route(index, entries, grads, "uncompressed, the process group's all-reduce", why))
         _agree_here(state, comm, agree)
         state.group_buckets += 1
         return _group_average(state, comm, grads)
     state._routes.append(_route(index, entries, grads, "uncompressed, fmcomm's all-reduce", why))
-    first = agree not in state._agreed
-    state._agreed.add(agree)
+    first = _first_sight(state, agree)
     return _submit(state, comm, index, grads, lambda: _reduce(comm, grads, None, None, state, None,
                                                               agree if first else None))
 
@@ -417,9 +424,8 @@ def _agree_here(state: "HookState", comm, agree) -> None:
     """First sight of a bucket on the process group's path: every rank confirms it on
     fmcomm's own group, and this thread waits (once per bucket and setting), so that
     every all-reduce on the model's group leaves from this thread, in bucket order."""
-    if agree not in state._agreed:
+    if _first_sight(state, agree):
         comm.run_async(functools.partial(_agree, comm, agree)).wait()
-        state._agreed.add(agree)
 
 
 def _group_average(state: "HookState", comm, values: torch.Tensor):
@@ -443,11 +449,23 @@ def _compressed_bucket(state: "HookState", comm, index: int, grads: torch.Tensor
     state._summed_now.append((key, list(coded)))
     target, spec, how, why = _route_of(state, comm, grads.numel() * grads.element_size())
     state._routes.append(_route(index, entries, grads, how, why))
-    agree = (key, spec.text if spec is not None else "none", grads.numel(), str(grads.dtype), target is state._small)
-    first = agree not in state._agreed
-    state._agreed.add(agree)
+    agree = _agreement(key, spec, grads, target is state._small)
+    first = _first_sight(state, agree)
     return _submit(state, target, index, grads, lambda: _reduce(target, grads, slices, spec, state, key,
                                                                 agree if first else None))
+
+
+def _agreement(key: str, spec, values: torch.Tensor, small: bool) -> tuple:
+    """What every rank confirms once per bucket and setting (see ``_agree``)."""
+    return key, spec.text if spec is not None else "none", values.numel(), str(values.dtype), small
+
+
+def _first_sight(state: "HookState", agree: tuple) -> bool:
+    """Whether ``agree`` is new to this state (it is recorded as seen)."""
+    if agree in state._agreed:
+        return False
+    state._agreed.add(agree)
+    return True
 
 
 def _route_of(state: "HookState", comm, nbytes: int):
@@ -461,10 +479,19 @@ def _route_of(state: "HookState", comm, nbytes: int):
     return comm, spec, spec.text, ""
 
 
-def _route(index: int, entries, grads: torch.Tensor, how: str, why: str) -> str:
+@dataclasses.dataclass(frozen=True)
+class _Route:
+    """How one bucket travels, as the log and summary() say it."""
+    text: str
+    nbytes: int
+    compressed: bool
+
+
+def _route(index: int, entries, grads: torch.Tensor, how: str, why: str) -> _Route:
     nbytes = grads.numel() * grads.element_size()
-    return (f"  bucket {index}: {len(entries)} parameters, {nbytes / 2**20:.2f} MiB {str(grads.dtype)[6:]}: "
+    text = (f"  bucket {index}: {len(entries)} parameters, {nbytes / 2**20:.2f} MiB {str(grads.dtype)[6:]}: "
             f"{how}" + (f" ({why})" if why else ""))
+    return _Route(text, nbytes, not how.startswith("uncompressed"))  # held ones are coded at the end
 
 
 def _submit(state: "HookState", comm, index, grads: torch.Tensor, fn):
@@ -499,7 +526,7 @@ def _end_of_backward(state: "HookState", comm, compressing: bool) -> None:
     if compressing and state._route_text is None:
         _report_routes(state)
     if not compressing:
-        state._warm_up_text = "\n".join(state._routes)
+        state._warm_up_text = "\n".join(route.text for route in state._routes)
     state._routes = []
     works, state._works = state._works, []
     state.step += 1
@@ -524,37 +551,35 @@ def _regroup_held(state: "HookState", comm, compressing: bool) -> None:
     if sorted(p for _, order in targets for p in order) != sorted(where):
         raise InvalidArgument(f"fmcomm.ddp: rank {comm.rank}: the checkpoint's buckets hold other parameters "
                               f"than this model's (was it made on another model?)")
-    plans = []  # (key, order, communicator, spec, agreement); routed here: a route may make a group
+    plans = []  # (key, parts, communicator, spec, agreement); routed here: a route may make a group
     for key, order in targets:
-        first = where[order[0]][0]
-        nbytes = sum(where[p][2] for p in order) * first.element_size()
+        parts = [where[p] for p in order]
+        values = _gather(parts)
         if compressing:
-            target, spec, _, _ = _route_of(state, comm, nbytes)
+            target, spec, _, _ = _route_of(state, comm, values.numel() * values.element_size())
             state._layouts.setdefault(key, list(order))
         else:
             target, spec = comm, None
         state._summed_now.append((key, list(order)))
-        plans.append((key, order, target, spec, (key, spec.text if spec is not None else "none",
-                                                 nbytes // first.element_size(), str(first.dtype),
-                                                 target is state._small)))
+        plans.append((key, parts, target, spec, _agreement(key, spec, values, target is state._small)))
     if not compressing and state.hands_uncompressed_to_group():
         # On the process group, from this thread, in the checkpoint's bucket order.
         futures, gathered = [], []
-        for key, order, _, _, agree in plans:
+        for key, parts, _, _, agree in plans:
             _agree_here(state, comm, agree)
-            values = _gather(where, order)
-            gathered.append((values, order))
+            values = _gather(parts)
+            gathered.append((values, parts))
             futures.append(_group_average(state, comm, values))
 
         def scatter(f) -> None:
-            for values, order in gathered:
-                _scatter(where, order, values)
+            for values, parts in gathered:
+                _scatter(parts, values)
         finished = torch.futures.collect_all(futures).then(scatter)
         for h in held:
             finished.add_done_callback(functools.partial(_settle, h.done, h.grads))
         return
     work = comm.run_async(functools.partial(_naming_bucket, "of the resumed step", functools.partial(
-        _average_regrouped, state, comm, where, plans)))
+        _average_regrouped, state, comm, plans)))
     state._works.append(work)
     for h in held:
         _complete(h.done, work, h.grads)
@@ -569,25 +594,25 @@ def _settle(done, grads: torch.Tensor, f) -> None:
     done.set_result(grads)
 
 
-def _average_regrouped(state: "HookState", comm, where, plans) -> None:
-    for key, order, target, spec, agree in plans:
-        if agree not in state._agreed:
+def _average_regrouped(state: "HookState", comm, plans) -> None:
+    for key, parts, target, spec, agree in plans:
+        if _first_sight(state, agree):
             _agree(comm, agree)
-            state._agreed.add(agree)
-        values = _gather(where, order)
+        values = _gather(parts)
         _average(target, values, spec, state, key)
-        _scatter(where, order, values)
+        _scatter(parts, values)
 
 
-def _gather(where, order) -> torch.Tensor:
-    return torch.cat([where[p][0][where[p][1]:where[p][1] + where[p][2]] for p in order])
+def _gather(parts) -> torch.Tensor:
+    """The values of ``parts`` ((tensor, offset, count), in order) as one new tensor."""
+    return torch.cat([t[o:o + n] for t, o, n in parts])
 
 
-def _scatter(where, order, values: torch.Tensor) -> None:
+def _scatter(parts, values: torch.Tensor) -> None:
+    """``_gather``'s inverse: ``values`` copied back into ``parts``."""
     at = 0
-    for p in order:
-        g, o, n = where[p]
-        g[o:o + n].copy_(values[at:at + n])
+    for t, o, n in parts:
+        t[o:o + n].copy_(values[at:at + n])
         at += n
 
 
@@ -599,22 +624,18 @@ def _raise_at_backward_end(works) -> None:
 
 def _report_routes(state: "HookState") -> None:
     """Log once, at the first compressing step, how each bucket travels."""
-    text = "\n".join(state._routes)
+    text = "\n".join(route.text for route in state._routes)
     state._route_text = text
-    compressed = [r for r in state._routes if "uncompressed" not in r]
     if state.communicator().rank != 0:
         return
-    if not compressed:
+    if not any(route.compressed for route in state._routes):
         log.warning("fmcomm.ddp: compress=%r compresses no bucket of this model: every bucket is below "
                     "compress_min_bytes=%d (largest %.2f MiB); pass compress_min_bytes=0 (or a smaller "
                     "bound) to compress them\n%s", state.compress, state.compress_min_bytes,
-                    max((_bytes_of(r) for r in state._routes), default=0.0), text)
+                    max((route.nbytes for route in state._routes), default=0) / 2**20, text)
     else:
         log.info("fmcomm.ddp: step %d, compress=%r: how each bucket travels\n%s", state.step, state.compress, text)
 
-
-def _bytes_of(route: str) -> float:
-    return float(route.split(" parameters, ")[1].split(" MiB")[0])
 
 
 def _reduce(comm, grads: torch.Tensor, slices, spec, state: "HookState", key, agree) -> None:
@@ -625,12 +646,10 @@ def _reduce(comm, grads: torch.Tensor, slices, spec, state: "HookState", key, ag
     if slices is None:
         _average(comm, grads, spec, state, key)
         return
-    values = torch.cat([grads[o:o + n] for _, o, n in slices])
+    parts = [(grads, o, n) for _, o, n in slices]
+    values = _gather(parts)
     _average(comm, values, spec, state, key)
-    at = 0
-    for _, o, n in slices:
-        grads[o:o + n].copy_(values[at:at + n])
-        at += n
+    _scatter(parts, values)
 
 
 def _average(comm, t: torch.Tensor, spec, state: "HookState", key, async_op: bool = False):

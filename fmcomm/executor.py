@@ -104,12 +104,6 @@ class Call:
         return np.array([_HEADER_MAGIC, self.seq, COLLECTIVE_CODES[self.collective], algo_code(self.algo),
                          self.count, self.dtype.code, REDOPS[self.op], self.root], dtype=np.int64)
 
-    def describe_mismatch(self, theirs: list[int]) -> str | None:
-        mine = self.header().tolist()
-        diffs = [f"{name} {_field_text(name, b, None)} (this rank: {_field_text(name, a, self.algo)})"
-                 for name, a, b in zip(_HEADER_FIELDS, mine, theirs) if a != b]
-        return ", ".join(diffs) if diffs else None
-
 
 _CODE_NAMES = {
     "dtype": {d.code: d.name for d in BY_CODE.values()},

@@ -30,19 +30,14 @@ Example::
     for x, y in data:
         loss_fn(model(x), y).backward(); opt.step(); opt.zero_grad()
 """
-import atexit
 import logging
 import math
-import os
-import weakref
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from . import compression
 from .compression import ErrorFeedback
-from .config import Config
 from .errors import InvalidArgument
 
 log = logging.getLogger("fmcomm.optim")
@@ -98,12 +93,9 @@ class _MomentumExchange(torch.optim.Optimizer):
     def communicator(self):
         """fmcomm's communicator for the momenta, on a group of its own over the model's ranks."""
         if self._comm is None:
-            from .communicator import Communicator
-            from .transport.torch_dist import TorchTransport
-            check = None if "FMCOMM_CHECK" in os.environ else False
-            config = Config.from_env(transport="torch", check=check)
-            self._comm = Communicator(TorchTransport.private(self._group, config.timeout, "optim"), config)
-            _LIVE.add(self)
+            from . import ddp as fmcomm_ddp
+            self._comm = fmcomm_ddp.private_communicator(self._group, "optim")
+            fmcomm_ddp._LIVE.add(self)  # closed at exit with the hook states
         return self._comm
 
     def close(self) -> None:
@@ -236,20 +228,6 @@ class _MomentumExchange(torch.optim.Optimizer):
         self.error_feedback.load_state_dict(ours["error_feedback"])
         self._flat = None  # rebuilt from the loaded momenta at the next exchange step
         self._hook_state.load_state_dict(ours["hook"])
-
-
-# Optimizers whose communicator is open: closed at interpreter exit, so that no group
-# of theirs is torn down under a finishing interpreter.
-_LIVE: "weakref.WeakSet[_MomentumExchange]" = weakref.WeakSet()
-
-
-@atexit.register
-def _close_live_optimizers() -> None:
-    for opt in list(_LIVE):
-        try:
-            opt.close()
-        except Exception:  # noqa: BLE001 - at exit, a failed peer must not stop the others' release
-            log.debug("fmcomm.optim: closing an optimizer's communicator failed", exc_info=True)
 
 
 def _hook(opt: "_MomentumExchange", bucket) -> torch.futures.Future[torch.Tensor]:

@@ -21,6 +21,22 @@ def mpiexec() -> str:
     return found
 
 
+def case_failures(reports: list[dict]) -> list[str]:
+    """Every rank ran the same cases; what failed: a case not ``ok`` on a rank, or one
+    whose ranks report different ``hash``es (different bytes)."""
+    keys = set(reports[0])
+    assert all(set(r) == keys for r in reports), "ranks ran different cases"
+    failures = []
+    for key in sorted(keys):
+        entries = [r[key] for r in reports]
+        for rank, e in enumerate(entries):
+            if not e.get("ok"):
+                failures.append(f"{key} rank {rank}: {e.get('error') or e}")
+        if "hash" in entries[0] and len({e.get("hash") for e in entries}) != 1:
+            failures.append(f"{key}: ranks ended with different parameters")
+    return failures
+
+
 def run_ranks(n: int, script: str, *args: str, env: dict | None = None, timeout: float = 300,
               out_dir: Path, clean_exit: bool = False, launcher_args: tuple = ()) -> list[dict]:
     """Run tests/multirank/<script> on ``n`` ranks under mpiexec; return each rank's JSON report.

@@ -60,6 +60,10 @@ class TorchTransport(Transport):
             return self._own
         if self._closed:
             raise InitError(f"rank {self.rank}: this fmcomm group was closed")
+        return self._borrowed()
+
+    def _borrowed(self):
+        """The caller's group (its default group where none was given)."""
         return self.group if self.group is not None else dist.distributed_c10d._get_default_group()
 
     @classmethod
@@ -80,12 +84,8 @@ class TorchTransport(Transport):
         if self.rank not in ranks:
             return None
         prefix = f"{self._prefix}/{purpose}{serial}-{'.'.join(map(str, ranks))}"
-        # The store is looked up here and not kept: a store held past the caller's
-        # destroy_process_group() was torn down at interpreter exit, where its client
-        # thread sometimes aborted the process ("terminate called without an active
-        # exception").
-        parent = self.group if self.group is not None else dist.distributed_c10d._get_default_group()
-        store = dist.PrefixStore(prefix + "/", _group_store(parent))
+        # The caller's store, looked up where it is needed and not kept, as its group.
+        store = dist.PrefixStore(prefix + "/", _group_store(self._borrowed()))
         backend = private_backend(self.backend, store, ranks.index(self.rank), len(ranks), timeout,
                                   f"rank {self.rank}: {purpose} group of ranks {ranks}")
         return TorchTransport(self.group, _backend=backend, _prefix=prefix)

@@ -7,24 +7,15 @@ parameters, and exit 0.
 """
 import pytest
 
-from conftest import run_ranks
+from conftest import case_failures, run_ranks
 
 pytest.importorskip("transformers")
 
 
 def check(reports):
-    keys = set(reports[0])
-    assert all(set(r) == keys for r in reports)
-    failures = []
-    for key in sorted(keys):
-        entries = [r[key] for r in reports]
-        for rank, e in enumerate(entries):
-            if not e.get("ok"):
-                failures.append(f"{key} rank {rank}: {e.get('error') or e}")
-        if "hash" in entries[0] and len({e.get("hash") for e in entries}) != 1:
-            failures.append(f"{key}: ranks ended with different parameters")
+    failures = case_failures(reports)
     assert not failures, "\n".join(failures)
-    return keys
+    return set(reports[0])
 
 
 @pytest.mark.timeout(600)
