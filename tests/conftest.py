@@ -61,9 +61,9 @@ def run_ranks(n: int, script: str, *args: str, env: dict | None = None, timeout:
             f"mpiexec exit {proc.returncode}\nstderr:\n{proc.stderr[-4000:]}")
     elif proc.returncode != 0:
         # A rank killed after every rank passed the closing barrier (its mark written)
-        # ran nothing of the test any more. One such rank was SIGKILLed (exit 9, every
-        # report written) in 3 of about 40 runs of 8 ranks here, cause not found.
-        # Anything earlier still fails.
+        # ran nothing of the test any more: Hydra SIGKILLs the rest (exit 9) once the
+        # first rank leaves without MPI_Finalize (see report_and_exit). Anything
+        # earlier still fails.
         unfinished = [r for r in range(n) if not (out_dir / f"rank{r}.finished").exists()]
         assert not unfinished, (f"mpiexec exit {proc.returncode}; ranks {unfinished} did not finish\n"
                                 f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}")

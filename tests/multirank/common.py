@@ -52,4 +52,8 @@ def report_and_exit(args, rank: int, report: dict) -> None:
     (Path(args.out) / f"rank{rank}.finished").touch()
     sys.stdout.flush()
     sys.stderr.flush()
+    # Hydra SIGKILLs the other ranks as soon as one exits without MPI_Finalize, so the
+    # first rank out could kill another before it made its mark (CI: ranks 1 and 3 of 4,
+    # exit 9). After this second barrier every mark exists.
+    MPI.COMM_WORLD.Barrier()
     os._exit(0)
