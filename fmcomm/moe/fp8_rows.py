@@ -13,7 +13,8 @@ Error bound, per value x of a row with largest magnitude m:
 e4m3 has 3 mantissa bits: where x·s is normal (≥ 2^-6) rounding to nearest is off by at
 most half a unit in the last place, 2^-4 of the value; below that (subnormal codes,
 spacing 2^-9) it is off by at most 2^-10 in the scaled unit, 2^-10/s = 2^-10·m/448.
-The scale's own product and quotient add a few float32 roundings. Inputs of another
+The scale's own product and quotient add a few float32 roundings. (Where m < ~1e-17
+the scale is capped at 2^64, as the compressors cap theirs, and 2^-10/s is 2^-74.) Inputs of another
 float dtype are coded from float32 and decoded back to it (one more rounding of that
 dtype).
 """
@@ -31,11 +32,18 @@ def words_per_row(hidden: int) -> int:
     return -(-hidden // 4) + 1
 
 
+def row_scales(x: torch.Tensor) -> torch.Tensor:
+    """s per row of float32 ``x`` ([n, H]): 448 / max|x|, 1 for an all-zero row."""
+    largest = x.abs().amax(1) if x.shape[0] and x.shape[1] else torch.zeros(x.shape[0])
+    scales = torch.where(largest > 0, FMAX[FORMAT] / largest, torch.ones_like(largest))
+    # As the compressors' scale_for: a row below ~1e-20 would need a scale beyond float32.
+    return scales.clamp(max=_MAX_SCALE).contiguous()
+
+
 def error_bound(x: torch.Tensor) -> torch.Tensor:
-    """The bound above for every value of ``x`` ([rows, H])."""
-    x = x.to(torch.float32).abs()
-    largest = x.amax(1, keepdim=True) if x.numel() else x
-    return (2.0 ** -4 + 2.0 ** -22) * x + 2.0 ** -10 * largest / FMAX[FORMAT]
+    """The bound above for every value of ``x`` ([rows, H]); 2^-10/s is 2^-10·m/448 unless s was capped."""
+    x = x.to(torch.float32)
+    return (2.0 ** -4 + 2.0 ** -22) * x.abs() + 2.0 ** -10 / row_scales(x).unsqueeze(1)
 
 
 def encode(rows: torch.Tensor) -> torch.Tensor:
@@ -43,10 +51,7 @@ def encode(rows: torch.Tensor) -> torch.Tensor:
     n, hidden = rows.shape
     padded = 4 * (words_per_row(hidden) - 1)
     x = rows.detach().to(torch.float32).contiguous()
-    largest = x.abs().amax(1) if n and hidden else torch.zeros(n)
-    scales = torch.where(largest > 0, FMAX[FORMAT] / largest, torch.ones_like(largest))
-    # As the compressors' scale_for: a row below ~1e-20 would need a scale beyond float32.
-    scales = scales.clamp(max=_MAX_SCALE).contiguous()
+    scales = row_scales(x)
     packed = torch.zeros(n, padded + 4, dtype=torch.uint8)
     if n and hidden:
         codes = torch.empty(n * hidden, dtype=torch.uint8)
