@@ -24,7 +24,7 @@ def error_classes():
 def test_the_package_exports_every_error_class():
     exported = {getattr(fmcomm, n) for n in fmcomm.__all__}
     assert set(error_classes()) <= exported
-    assert len(error_classes()) == 13
+    assert len(error_classes()) == 14
 
 
 @pytest.mark.parametrize("cls", error_classes(), ids=lambda c: c.__name__)
