@@ -114,6 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     tu.add_argument("--out", default=None, help="the table's path (default: the per-user cache for this machine's "
                                                "topology fingerprint, which init() reads)")
     tu.add_argument("--show", default=None, metavar="FILE", help="print a tuning table and exit")
+    tu.add_argument("--compress", type=_list, default=None,
+                    help="compressors measured for compress='auto' (default: fp16, bf16, fp8, onebit, topk:0.01, "
+                         "also @inter across nodes; 'none' measures none)")
+    tu.add_argument("--compress-from", type=_size, default=_size("64K"),
+                    help="measure compressed all-reduces from this size up")
     tu.add_argument("--no-probe", action="store_true", help="do not measure latency and bandwidth first (the cost "
                                                             "model then prunes nothing unless FMCOMM_TOPO_FILE has them)")
 
@@ -198,7 +203,8 @@ def _tune(args, argv: list[str]) -> int:
         return 2
     sweep.run_tune(sweep.TuneArgs(
         collectives=args.collectives or sweep.COLLECTIVES, min_bytes=args.minbytes, max_bytes=args.maxbytes,
-        factor=args.stepfactor, dtype=args.dtype, transport=args.transport, out=args.out, probe=not args.no_probe))
+        factor=args.stepfactor, dtype=args.dtype, transport=args.transport, out=args.out, probe=not args.no_probe,
+        compress=(() if args.compress == ("none",) else args.compress), compress_from=args.compress_from))
     return 0
 
 

@@ -165,7 +165,8 @@ class Communicator:
                                   f"({adtype.name} on {a.device} vs {bdtype.name} on {b.device})")
 
     def all_reduce(self, tensor, op: str = "sum", algo: str | None = None, async_op: bool = False,
-                   output=None, compress=None, state: ErrorFeedback | None = None, key=None):
+                   output=None, compress=None, state: ErrorFeedback | None = None, key=None,
+                   max_error: float | None = None):
         """Reduce ``tensor`` over all ranks; every rank gets the result in place.
 
         ``output``, if given, receives the result instead and ``tensor`` is left as it
@@ -178,6 +179,11 @@ class Communicator:
         communicator's ``error_feedback``) under ``key`` and the compressor's name:
         give each tensor that is reduced repeatedly (each gradient bucket) its own
         key. Without ``key`` nothing is kept from one call to the next.
+
+        ``compress="auto"`` needs ``max_error``: the compressor (or none) that is
+        fastest here among those whose relative error ``||result - sum|| / ||sum||``
+        is at most ``max_error`` runs: by the tuning table's measurements (``fmcomm
+        tune``), else by the cost model on a machine file's figures, else none.
         """
         inp, dtype = as_flat_tensor(tensor, "all_reduce tensor")
         op = _redop(op)
@@ -188,10 +194,21 @@ class Communicator:
                 raise InvalidArgument(f"all_reduce output must match the input: {inp.numel()} {dtype.name} "
                                       f"on {inp.device}, got {out.numel()} {odtype.name} on {out.device}")
         n = inp.numel()
+        if isinstance(compress, str) and compress.strip().lower() == AUTO:
+            compress = self.compression_for(n * dtype.itemsize, max_error).spec
+        elif max_error is not None:
+            raise InvalidArgument("max_error applies to compress='auto' only")
         spec = compression.parse(compress)
         if spec.enabled:
             return self._compressed_all_reduce(inp, out, dtype, op, spec, state, key, algo, async_op)
         return self._launch("all_reduce", inp, out, dtype, op, algo, async_op, n, n, (("count", n),), n)
+
+    def compression_for(self, nbytes: int, max_error):
+        """What ``compress="auto"`` runs for ``nbytes`` within ``max_error`` (see all_reduce)."""
+        if isinstance(max_error, bool) or not isinstance(max_error, (int, float)) or not max_error > 0:
+            raise InvalidArgument(f"compress='auto' needs max_error, a relative error > 0 (such as 0.05), "
+                                  f"got {max_error!r}")
+        return self.planner.compression(nbytes, float(max_error))
 
     def _compressed_all_reduce(self, inp, out, dtype: DType, op: str, spec, state, key, algo, async_op):
         if op not in ("sum", "avg"):

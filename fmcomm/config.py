@@ -4,7 +4,7 @@ Every option has a name, a type, a default and a one-line description, all liste
 :data:`OPTIONS`. The environment variable of option ``name`` is ``FMCOMM_<NAME>``
 (upper case). An ``FMCOMM_*`` variable that names no option, or a value that does not
 parse, is a :class:`~fmcomm.errors.ConfigError`: a typo must not silently fall back to
-a default. The README's option table is generated from the same list
+a default. The option table of docs/configuration.md is generated from the same list
 (``python -m fmcomm.config``), so the two cannot drift apart.
 """
 from __future__ import annotations
@@ -98,8 +98,8 @@ class Option:
 
 OPTIONS: tuple[Option, ...] = (
     Option("algo", "auto", _parse_algo,
-           "Algorithm unless a call passes `algo=`: `auto`, `native` or a schedule's name (README: "
-           "Algorithms), used by every collective that has it; or per collective, "
+           "Algorithm unless a call passes `algo=`: `auto`, `native` or a schedule's name (docs/algorithms.md), "
+           "used by every collective that has it; or per collective, "
            "`all_reduce:ring;broadcast:chain`."),
     Option("transport", "auto", _choice("auto", "mpi", "torch"),
            "Engine that moves the bytes. `auto`: an existing torch.distributed group if one is "
@@ -196,7 +196,7 @@ assert {f.name: f.default for f in dataclasses.fields(Config)} == {o.name: o.def
 
 
 def markdown_table() -> str:
-    """The README's option table."""
+    """The option table of docs/configuration.md."""
     rows = ["| option | environment | default | meaning |", "|---|---|---|---|"]
     for o in OPTIONS:
         default = o.default

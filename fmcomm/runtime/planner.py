@@ -13,7 +13,7 @@ import inspect
 from typing import Any, Hashable
 
 from .. import algorithms, schedule
-from ..tuning.select import Plan, Request, select
+from ..tuning.select import CompressionChoice, Plan, Request, choose_compression, select
 from ..tuning.table import TuningTable
 from .executor import compile_rounds
 
@@ -47,6 +47,11 @@ class Planner:
 
     def choose(self, request: Request) -> Plan:
         return self._plans.get(request, lambda: select(request, self.topology, self.table))
+
+    def compression(self, nbytes: int, max_error: float) -> CompressionChoice:
+        """What ``compress="auto"`` runs for ``nbytes`` within ``max_error`` (cached)."""
+        return self._plans.get(("compression", nbytes, max_error),
+                               lambda: choose_compression(nbytes, max_error, self.topology, self.table))
 
     def rounds(self, collective: str, algo: str, itemsize: int, input_count: int, output_count: int,
                params: tuple):

@@ -120,3 +120,90 @@ def by_cost(request: Request, topology, fallback: Plan) -> Plan | None:
               if table_choice is not None and best != fallback.algorithm else "")
     return Plan(request.collective, best, f"cost model on {topology.name or 'this topology'}: {best} "
                 f"{prices[best] * 1e6:.1f} us predicted{versus}", fallback.row)
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressionChoice:
+    spec: str          # a compression spec, "none" for uncompressed
+    reason: str
+    min_bytes: int = 0  # the smallest measured size from which ``spec`` was the choice (0: not measured)
+
+
+CANDIDATE_SPECS = ("fp16", "bf16", "fp8", "onebit", "topk:0.01")
+
+
+def candidate_specs(node_of: tuple[int, ...]) -> list[str]:
+    """The compressors ``auto`` weighs: each family at its default settings, also ``@inter``
+    where the ranks span several nodes of equal size (two or more ranks each)."""
+    layout = ranks_per_node(tuple(node_of))
+    inter = len(layout) >= 2 and len(set(layout)) == 1 and layout[0] >= 2
+    from .. import compression
+    return [compression.parse(s).text for spec in CANDIDATE_SPECS
+            for s in ((spec, spec + "@inter") if inter else (spec,))]
+
+
+def choose_compression(nbytes: int, max_error: float, topology, table: TuningTable) -> CompressionChoice:
+    """The compressor (or none) that is fastest for an all-reduce of ``nbytes`` float32
+    among those whose relative error is at most ``max_error``.
+
+    By measurement where ``table`` has compressed all-reduces (``fmcomm tune``): the
+    measured size nearest ``nbytes`` (by ratio) decides. Otherwise by cost where the
+    topology has figures and kernel rates: each candidate priced by the plan of phases
+    (``fmcomm.tuning.plans``), its error the table's typical error for its family.
+    Otherwise uncompressed: nothing says compression would pay.
+    """
+    if table.compression:
+        sizes = sorted({m["bytes"] for m in table.compression})
+        near = min(sizes, key=lambda s: (abs(_log_ratio(s, nbytes)), s))
+        at = [m for m in table.compression if m["bytes"] == near
+              and (m["spec"] == "none" or m["rel_error"] <= max_error)]
+        if at:
+            best = min(at, key=lambda m: (m["median_us"], m["spec"]))
+            none = next((m for m in at if m["spec"] == "none"), None)
+            versus = (f" against none {none['median_us']:.1f} us" if none is not None and best is not none else "")
+            first = next((s for s in sizes if _winner(table.compression, s, max_error) == best["spec"]), near)
+            return CompressionChoice(best["spec"], f"measured at {near} bytes: {best['spec']} {best['median_us']:.1f} us"
+                                     f" (error {best['rel_error']:.2g}){versus}",
+                                     first if best["spec"] != "none" else 0)
+    errors = table.compression_error or {}
+    if getattr(topology, "levels", None) and topology.kernels is not None and topology.codecs:
+        from . import plans
+        from .. import compression
+        uncompressed = by_cost(Request("all_reduce", nbytes, "float32", native=False), topology,
+                               Plan("all_reduce", "ring", "fallback"))
+        prices = {}
+        for spec in candidate_specs(topology.node_of):
+            family = compression.parse(spec).family
+            if errors.get(family, float("inf")) > max_error:
+                continue
+            try:
+                prices[spec] = plans.price_compressed_all_reduce(topology, nbytes, spec).seconds
+            except FmcommError:
+                continue
+        where = f"cost model on {topology.name or 'this topology'}"
+        if uncompressed is None or not prices:
+            return CompressionChoice("none", f"{where}: no compressor within error {max_error:g} could be priced "
+                                     f"(kernel rates for: {', '.join(c.family for c in topology.codecs)})")
+        none_s = _price_of(uncompressed, topology, nbytes)
+        best = min(prices, key=lambda k: (prices[k], k))
+        if prices[best] < none_s:
+            return CompressionChoice(best, f"{where}: {best} {prices[best] * 1e6:.1f} us predicted against none "
+                                     f"{none_s * 1e6:.1f} us (typical error {errors[compression.parse(best).family]:.2g})")
+        return CompressionChoice("none", f"{where}: no compressor within error {max_error:g} is predicted faster "
+                                 f"than none ({none_s * 1e6:.1f} us)")
+    return CompressionChoice("none", "no measurement (fmcomm tune) and no machine figures: uncompressed")
+
+
+def _price_of(plan: Plan, topology, nbytes: int) -> float:
+    from . import cost
+    return cost.price("all_reduce", plan.algorithm, topology, nbytes, 4, full_budget_s=0.0).seconds
+
+
+def _log_ratio(a: int, b: int) -> float:
+    import math
+    return math.log(max(a, 1) / max(b, 1))
+
+
+def _winner(measured, size: int, max_error: float) -> str | None:
+    at = [m for m in measured if m["bytes"] == size and (m["spec"] == "none" or m["rel_error"] <= max_error)]
+    return min(at, key=lambda m: (m["median_us"], m["spec"]))["spec"] if at else None

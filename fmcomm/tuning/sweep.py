@@ -60,6 +60,10 @@ class TuneArgs:
     drop: float = 1.5     # after the first samples: a candidate this many times the best median stops
     noise: float = 0.03   # medians closer than this fraction of the best are within noise
     probe: bool = True    # measure α/β first where the topology has no figures
+    # compress="auto": the compressors measured beside the uncompressed all-reduce (None:
+    # every family at its defaults, also @inter across nodes), from this size up.
+    compress: tuple[str, ...] | None = None
+    compress_from: int = 64 << 10
 
 
 @dataclasses.dataclass
@@ -213,6 +217,45 @@ def tune_size(ctl, comm, coll, a: TuneArgs, nbytes: int, topo) -> SizeResult | N
     return SizeResult(shown, best.algo, live, pruned, within)
 
 
+def tune_compression(ctl, comm, a: TuneArgs, nbytes: int, uncompressed: str, specs: list[str]) -> list[dict]:
+    """Compressed all-reduces of ``nbytes`` float32 beside the uncompressed one (``algo=uncompressed``),
+    interleaved: time, the relative error of one call from empty residuals on Gaussian
+    data, and the bytes this rank sent per call."""
+    from ..bench.harness import _compressed_run, _gaussian_inputs, _relative_error
+    dtype = dtype_of("float32")
+    count = nbytes // dtype.itemsize
+    pristine, exact = _gaussian_inputs(ctl.rank, comm.world, count, dtype, "sum")
+    runs = {"none": (lambda inp, out, inplace: comm.all_reduce(inp, algo=uncompressed, output=out))}
+    for spec in specs:
+        runs[spec] = _compressed_run(comm, spec, "sum")
+    names = list(runs)
+    bufs = [(pristine.clone(), torch.zeros(count)) for _ in names]
+    stats = comm.executor.stats
+    samples = _time(ctl, [runs[k] for k in names], bufs, a.warmup, a.first, pristine, False)
+    out = []
+    for name, times in zip(names, samples):
+        m = Measured(name, times)
+        result = torch.zeros(count)
+        sent = stats.wire_bytes
+        if name == "none":
+            comm.all_reduce(pristine.clone(), algo=uncompressed, output=result)
+        else:
+            runs[name].fresh(pristine.clone(), result)
+        wire = stats.wire_bytes - sent
+        error = ctl.maximum(_relative_error(exact, result))
+        out.append({"spec": name if name == "none" else _canonical(name), "bytes": nbytes,
+                    "median_us": round(m.median * 1e6, 2), "spread": round(m.spread, 4),
+                    "samples": len(times), "rel_error": float(f"{error:.3g}"),
+                    "wire_bytes": int(ctl.maximum(float(wire))) if wire or name != "none" else None,
+                    **({"algorithm": uncompressed} if name == "none" else {})})
+    return out
+
+
+def _canonical(spec: str) -> str:
+    from .. import compression
+    return compression.parse(spec).text
+
+
 def rows_of(collective: str, results: list[SizeResult], dtype: str, node_of: tuple[int, ...]) -> list[Row]:
     """One row per run of adjacent sizes with the same winner (see the module docstring)."""
     layout = ranks_per_node(node_of)
@@ -271,6 +314,19 @@ def run_tune(a: TuneArgs) -> TuningTable | None:
         measured += sum(len(m.samples) for m in r.measured)
         full += (1 + len(algorithms.names(collective)) - 2) * (a.first + a.more)
     progress.close()
+    compressed: list[dict] = []
+    if "all_reduce" in a.collectives and a.compress != ():
+        from .select import candidate_specs
+        specs = list(a.compress) if a.compress else candidate_specs(topo.node_of)
+        chosen = {r.nbytes: r.choice for r in results["all_reduce"]}
+        at = [n for n in sorted(chosen) if n >= a.compress_from]
+        progress = _Progress(len(at), ctl.rank == 0)
+        for nbytes in at:
+            compressed += tune_compression(ctl, comm, a, nbytes, chosen[nbytes], specs)
+            measured += (1 + len(specs)) * a.first
+            full += (1 + len(specs)) * (a.first + a.more)
+            progress.step(f"compressed all_reduce {nbytes} B")
+        progress.close()
     table = None
     if ctl.rank == 0:
         rows = [row for c in a.collectives for row in rows_of(c, results[c], a.dtype, topo.node_of)]
@@ -283,7 +339,7 @@ def run_tune(a: TuneArgs) -> TuningTable | None:
                 "settings": {k: v for k, v in dataclasses.asdict(a).items() if k not in ("out", "collectives")}}
         path = a.out or str(cache_path(fingerprint))
         table = TuningTable(tuple(rows), f"fmcomm tune, {comm.world} ranks on {topo.nodes} node(s)", fingerprint,
-                            meta)
+                            meta, tuple(compressed))
         import os
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         table.dump(path)
@@ -315,4 +371,11 @@ def describe(table: TuningTable) -> str:
                 second = f"{cands[1][0]} ({cands[1][1]['median_us'] / max(cands[0][1]['median_us'], 1e-9):.2f})"
             noise = noise or ",".join(m.get("within_noise", []))
         lines.append(f"{row.collective:<15}{row.min_bytes:>12}{hi:>12}  {row.algorithm:<20}{second:<30}{noise:<20}")
+    if table.compression:
+        lines.append(f"compressed all_reduce (compress='auto'): {'bytes':>10}  {'spec':<18}{'time (us)':>12}"
+                     f"{'rel error':>11}{'bytes sent':>12}")
+        for m in table.compression:
+            sent = "-" if m.get("wire_bytes") is None else str(m["wire_bytes"])
+            lines.append(f"{'':<41}{m['bytes']:>10}  {m['spec']:<18}{m['median_us']:>12.1f}{m['rel_error']:>11.2g}"
+                         f"{sent:>12}")
     return "\n".join(head + lines)

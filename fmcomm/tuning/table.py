@@ -17,7 +17,15 @@ Shape (format version 1)::
                "world": [2, 8],             # optional [low, high], inclusive; null: unbounded
                "nodes": [2, null],          # optional
                "ranks_per_node": [2, null], # optional: every node holds this many
-               "note": "why", "measured": {...}}]}   # free-form, kept for readers
+               "note": "why", "measured": {...}}],  # free-form, kept for readers
+     "compression": [{"spec": "fp8:e4m3@inter", "bytes": 16777216, "median_us": 65165.3,
+                      "rel_error": 0.039, "wire_bytes": 1234, "note": "..."}],  # "none" too
+     "compression_error": {"fp8": 0.035, ...}}   # typical relative error per family
+
+``compression`` holds measured compressed all-reduces (and the uncompressed one,
+``"none"``, at the same sizes) for ``compress="auto"``; ``compression_error`` the
+typical relative error of each compressor family, which prices compression by cost
+where nothing was measured (the default table's, measured here).
 
 A newer format version, JSON that does not parse, or a row that names an unknown
 collective or algorithm is refused with :class:`~fmcomm.errors.TuningFileError`
@@ -102,11 +110,15 @@ class TuningTable:
     source: str = ""        # where it came from: a file's path, or "default"
     fingerprint: str = ""   # the topology it was measured on ("" for any)
     meta: Any = None        # the rest of the file's header (engine, date, ...), kept for readers
+    compression: tuple[dict, ...] = ()          # measured compressed all-reduces (see the module docstring)
+    compression_error: Any = None               # {family: typical relative error}
 
     def then(self, other: "TuningTable") -> "TuningTable":
-        """This table's rows, then ``other``'s where none of these matched."""
+        """This table's rows, then ``other``'s where none of these matched (its
+        measurements of compression, else ``other``'s; typical errors likewise)."""
         return TuningTable(self.rows + other.rows, f"{self.source} then {other.source}", self.fingerprint,
-                           self.meta)
+                           self.meta, self.compression or other.compression,
+                           self.compression_error or other.compression_error)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"format": FORMAT, "version": FORMAT_VERSION, "source": self.source,
@@ -114,6 +126,10 @@ class TuningTable:
         if self.meta:
             out.update(self.meta)
         out["rows"] = [_row_json(r) for r in self.rows]
+        if self.compression:
+            out["compression"] = list(self.compression)
+        if self.compression_error:
+            out["compression_error"] = dict(self.compression_error)
         return out
 
     def dump(self, path: str | os.PathLike) -> None:
@@ -180,8 +196,34 @@ def parse(doc: Any, source: str) -> TuningTable:
     if not isinstance(rows, list):
         raise ValueError("rows: expected a list")
     fingerprint = doc.get("fingerprint", "")
-    meta = {k: v for k, v in doc.items() if k not in ("format", "version", "rows", "source", "fingerprint")}
-    return TuningTable(tuple(_row(r, i, source) for i, r in enumerate(rows)), source, str(fingerprint or ""), meta or None)
+    meta = {k: v for k, v in doc.items()
+            if k not in ("format", "version", "rows", "source", "fingerprint", "compression", "compression_error")}
+    measured = doc.get("compression", [])
+    if not isinstance(measured, list):
+        raise ValueError("compression: expected a list")
+    errors = doc.get("compression_error") or {}
+    if not isinstance(errors, dict) or not all(isinstance(v, (int, float)) and v >= 0 for v in errors.values()):
+        raise ValueError("compression_error: expected {family: relative error >= 0}")
+    return TuningTable(tuple(_row(r, i, source) for i, r in enumerate(rows)), source, str(fingerprint or ""),
+                       meta or None, tuple(_measured_compression(m, i) for i, m in enumerate(measured)),
+                       errors or None)
+
+
+def _measured_compression(raw: Any, i: int) -> dict:
+    where = f"compression[{i}]"
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected an object")
+    from .. import compression
+    from ..errors import InvalidArgument
+    try:
+        compression.parse(raw.get("spec"))
+    except InvalidArgument as e:
+        raise ValueError(f"{where}.spec: {e}") from None
+    for field in ("bytes", "median_us", "rel_error"):
+        value = raw.get(field)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(f"{where}.{field}: expected a number >= 0, got {value!r}")
+    return raw
 
 
 def load(path: str | os.PathLike) -> TuningTable:

@@ -149,3 +149,33 @@ def test_tables_round_trip_through_json(tmp_path):
 def test_configured_algorithm_per_collective():
     assert configured("all_reduce", "all_reduce:ring;broadcast:chain") == "ring"
     assert configured("barrier", "ring") == "auto"
+
+
+def measured_table(tmp_path, entries):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"format": "fmcomm-tuning", "version": 1, "rows": [], "compression": [
+        {"spec": spec, "bytes": size, "median_us": us, "rel_error": err} for spec, size, us, err in entries]}))
+    return tables.active(str(path))
+
+
+def test_compression_by_measurement_within_the_error_budget(tmp_path):
+    from fmcomm.tuning.select import choose_compression
+    table = measured_table(tmp_path, [
+        ("none", 1 << 20, 100.0, 0.0), ("fp8:e4m3", 1 << 20, 150.0, 0.035), ("onebit", 1 << 20, 140.0, 0.7),
+        ("none", 16 << 20, 900.0, 0.0), ("fp8:e4m3", 16 << 20, 400.0, 0.035), ("onebit", 16 << 20, 100.0, 0.7)])
+    topo = Topology((0, 0))
+    big = choose_compression(32 << 20, 0.05, topo, table)
+    assert (big.spec, big.min_bytes) == ("fp8:e4m3", 16 << 20) and "measured at 16777216 bytes" in big.reason
+    assert choose_compression(32 << 20, 1.0, topo, table).spec == "onebit"
+    assert choose_compression(32 << 20, 0.01, topo, table).spec == "none"      # nothing within 1%
+    assert choose_compression(2 << 20, 1.0, topo, table).spec == "none"       # nearest measured size: 1 MiB
+
+
+def test_compression_by_cost_where_nothing_was_measured():
+    from fmcomm.tuning.select import choose_compression
+    emulated = presets.load("emulated-2x2-1gbit")  # 1 Gbit between nodes, codec rates measured here
+    choice = choose_compression(16 << 20, 0.05, emulated, DEFAULT)
+    assert choice.spec == "fp8:e4m3@inter" and choice.reason.startswith("cost model on emulated-2x2-1gbit")
+    assert choose_compression(16 << 20, 1.0, emulated, DEFAULT).spec == "onebit@inter"
+    bare = choose_compression(16 << 20, 1.0, Topology(emulated.node_of), DEFAULT)
+    assert bare.spec == "none" and "no measurement" in bare.reason
