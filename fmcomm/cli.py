@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
     b = sub.add_parser("bench", help="benchmark a collective beside MPI and torch.distributed (nccl-tests columns)")
     from .bench.collectives import COLLECTIVES
-    b.add_argument("collective", choices=sorted(COLLECTIVES))
+    b.add_argument("collective", choices=sorted(COLLECTIVES) + ["moe"])
     b.add_argument("-n", "--nranks", type=int, default=None, help="start this many local ranks through mpiexec")
     b.add_argument("-b", "--minbytes", type=_size, default=_size("4K"))
     b.add_argument("-e", "--maxbytes", type=_size, default=_size("64M"))
@@ -99,6 +99,14 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--compress", type=_list, default=("none",),
                    help="all_reduce only: comma list of none, fp16, bf16, fp8, onebit, topk:R (each also NAME@inter), "
                         "each measured in the same run; rows report the relative error instead of #wrong")
+
+    # moe only: MoE dispatch + combine (fmcomm/bench/moe.py); --algo takes auto, direct, hierarchical
+    # and --compress none, fp8 there.
+    b.add_argument("--tokens", type=_list, default=("128", "512", "2048", "8192", "16384"),
+                   help="moe: comma list of tokens per rank")
+    b.add_argument("--hidden", type=_list, default=("1024",), help="moe: comma list of hidden sizes")
+    b.add_argument("--topk", type=int, default=2, help="moe: experts per token")
+    b.add_argument("--experts-per-rank", type=int, default=2, help="moe: experts each rank holds")
 
     sub.add_parser("info", help="what this installation has: native kernels, MPI, gloo/NCCL, launcher")
 
@@ -177,6 +185,14 @@ def main(argv: list[str] | None = None) -> int:
             if args.minbytes > args.maxbytes:
                 print("fmcomm: -b must not exceed -e", file=sys.stderr)
                 return 2
+            if args.collective == "moe":
+                from .bench.moe import MoEBenchArgs, run_moe_bench
+                run_moe_bench(MoEBenchArgs(
+                    tokens=tuple(int(t) for t in args.tokens), hidden=tuple(int(h) for h in args.hidden),
+                    top_k=args.topk, experts_per_rank=args.experts_per_rank, algos=args.algo,
+                    compress=args.compress, peers=args.peer, transport=args.transport, iters=args.iters,
+                    warmup=args.warmup, json_path=args.json))
+                return 0
             from .bench.harness import BenchArgs, run_bench
             run_bench(BenchArgs(
                 collective=args.collective, min_bytes=args.minbytes, max_bytes=args.maxbytes,

@@ -352,7 +352,10 @@ class Communicator:
 
     def _exchange_splits(self, send: list[int]) -> list[list[int]]:
         """Every rank's send counts (one row each), through the engine's all-reduce."""
-        self.runner.drain()  # the exchange is a collective: it must follow earlier async calls
+        # The exchange is a collective: it must follow earlier async calls. Inside a call
+        # already running (run_async on the worker), those have run: waiting would wait on itself.
+        if not self.runner.inside_call():
+            self.runner.drain()
         m = torch.zeros(self.world * self.world, dtype=torch.int64)
         m[self.rank * self.world:(self.rank + 1) * self.world] = torch.tensor(send, dtype=torch.int64)
         if self.world > 1:

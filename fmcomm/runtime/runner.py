@@ -67,7 +67,7 @@ class Runner:
         """Run ``fn`` as this runner's next call: now, or on the worker for ``async_op``."""
         if self.failed is not None:
             raise FmcommError(f"rank {self.rank}: communicator is unusable after an earlier failure: {self.failed}")
-        if self._running_on == threading.get_ident():
+        if self.inside_call():
             self._guarded(fn)
             return None
         if not async_op:
@@ -79,6 +79,10 @@ class Runner:
         fut = self._worker.submit(self._guarded, fn)
         self._pending.append(fut)
         return Work(fut)
+
+    def inside_call(self) -> bool:
+        """Whether this thread is running one of this runner's calls now."""
+        return self._running_on == threading.get_ident()
 
     def _guarded(self, fn: Callable[[], None]) -> None:
         outer, self._running_on = self._running_on, threading.get_ident()
