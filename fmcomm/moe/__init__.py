@@ -11,14 +11,18 @@ Example, experts spread evenly over the ranks of the default communicator::
 
 Steps of a dispatch:
   1. Every rank validates its own arguments and sorts its T·K (token, k) slots by expert.
-  2. One small all-to-all of counts (``layout.py``): every rank learns every rank's
-     rows per destination and its own rows per (source, local expert), and every
-     rank's validation status, ``num_experts``, hidden size and dtype, so that any
-     problem raises the same typed error on every rank before a token moves.
+  2. One small all-reduce (``layout.py``): every rank learns every rank's rows per
+     destination, validation status, ``num_experts``, hidden size and dtype, so that
+     any problem raises the same typed error on every rank before a token moves.
   3. The rows travel along a route (``route.py``): ``direct`` (one uneven
-     all-to-all) or ``hierarchical`` (inside the node, then between nodes);
-     ``compress="fp8"`` sends them as fp8 with a scale per row (``fp8_rows.py``).
-Combine runs the same route backward and sums each token's K results, weighted.
+     all-to-all) or ``hierarchical`` (inside the node, then between nodes), each
+     source's block headed by its counts per local expert of the destination
+     (``heads.py``); ``compress="fp8"`` sends them as fp8 with a scale per row
+     (``fp8_rows.py``).
+Combine runs the same route backward and sums each token's K results, weighted. One
+dispatch and its combine make three collectives on the ``direct`` route (the
+agreement and one all-to-all each way), as the same exchange written by hand on the
+engine does (counts, tokens, results).
 
 Both are differentiable: the backward of dispatch is the combine-shaped exchange of
 the gradients (summed over each token's K copies), the backward of combine the
@@ -33,8 +37,8 @@ from pathlib import Path
 
 import torch
 
-from . import fp8_rows, route
-from .layout import Layout, exchange_counts
+from . import fp8_rows, heads, route
+from .layout import Layout, agree
 from ..errors import InvalidArgument
 
 __all__ = ["dispatch", "combine", "MoEHandle", "PendingExchange", "select_algorithm", "AUTO_RULE"]
@@ -195,22 +199,31 @@ def dispatch(tokens: torch.Tensor, expert_indices: torch.Tensor, num_experts: in
     ``num_experts``, hidden size, dtype, ``algo`` or ``compress``, before any token moves.
     """
     comm = _communicator(group)
-    layout = exchange_counts(comm, tokens, expert_indices, num_experts, weights, algo, compress)
+    layout = agree(comm, tokens, expert_indices, num_experts, weights, algo, compress)
     row_bytes = (4 * fp8_rows.words_per_row(layout.hidden) if compress == "fp8"
                  else layout.hidden * tokens.element_size())
     chosen = select_algorithm(comm, layout, algo, row_bytes)
-    if chosen == "hierarchical":
-        node_group, lane_group = comm.levels()
-        steps = route.hierarchical_route(comm, layout, node_group, lane_group)
-    else:
-        steps = route.direct_route(comm, layout)
-    handle = MoEHandle(layout, comm, steps, chosen, compress, weights)
+    levels = comm.levels() if chosen == "hierarchical" else None
+    handle = MoEHandle(layout, comm, [], chosen, compress, weights)
 
     def move() -> torch.Tensor:
         rows = tokens.detach()[layout.token_of_row]
         if compress == "fp8":
-            return fp8_rows.decode(route.run(steps, fp8_rows.encode(rows)), layout.hidden, layout.dtype)
-        return route.run(steps, rows)
+            rows = fp8_rows.encode(rows)
+        # This run carries the heads: its route moves each block with its head rows.
+        n_head = heads.head_rows(layout.experts_per_rank, rows.new_empty(rows.shape[1:]))
+        with_heads = [[n + n_head for n in row] for row in layout.rows_matrix]
+        arrived = route.run(route.to_sources(comm, with_heads, chosen, levels),
+                            heads.with_heads(rows, layout.sent_per_expert, layout.sent_rows))
+        arrived, layout.received_per_expert = heads.read_heads(arrived, layout.received_rows,
+                                                               layout.experts_per_rank, layout.rank)
+        layout.tokens_per_expert = layout.received_per_expert.sum(0).tolist()
+        by_expert = route.expert_grouping(layout.received_per_expert)
+        handle.steps = route.to_sources(comm, layout.rows_matrix, chosen, levels) + [by_expert]
+        arrived = arrived[by_expert.index]
+        if compress == "fp8":
+            return fp8_rows.decode(arrived, layout.hidden, layout.dtype)
+        return arrived
 
     def finish(rows):
         return _Dispatch.apply(tokens, handle, _Holder(rows)), handle

@@ -7,17 +7,17 @@ E_local = num_experts / world. The sender orders its rows by expert (so by desti
 rank, then by the destination's local expert); the receiver gets them grouped by source
 rank, and hands its experts the rows grouped by local expert, sources in rank order.
 
-The count exchange is the one collective before the tokens travel. Every rank sends
-every peer a block of int64 (``Header`` below): its validation status, its
-``num_experts``, hidden size, dtype and options, how many rows it sends to *each* rank
-(the full row, so that every rank knows the whole rows matrix, which the hierarchical
-route needs for its intermediate steps and ``auto`` needs to decide alike everywhere),
-and how many rows it sends to each of that peer's experts. A rank whose own arguments
-are wrong still takes part, with its problem in its block, so every rank raises the same
-error naming it, and no rank is left waiting for tokens. The block's length depends on
-``num_experts``; ranks that disagree on it therefore disagree on the split sizes of this
-exchange, which the communicator's all-to-all detects on every rank (MismatchError); the
-rest of a disagreement (same block length) is caught from the blocks' contents.
+The agreement is the one collective before the tokens travel: a sum all-reduce of a
+[world, 6 + world] int64 matrix whose row r rank r fills (``Header`` fields below): its
+validation status, its ``num_experts``, hidden size, dtype and options, and how many
+rows it sends to each rank. Its size depends on nothing a rank could get wrong, so it
+always completes; afterwards every rank holds every rank's header and raises the same
+error, naming the ranks at fault, before a token moves, and knows the whole rows
+matrix (the hierarchical route needs it for its intermediate steps, and ``auto`` must
+decide alike everywhere). How many of its rows a source sends to each of a
+destination's experts travels in-band, at the head of that source's message
+(``route.py``), as DeepEP sends its layout with the tokens: a second round of counts
+would cost one more latency on every dispatch.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ import torch
 
 from ..dtypes import DTYPES
 from ..errors import InvalidArgument, MismatchError
+from ..executor import arguments_agreed
 
 ALGORITHMS = ("auto", "direct", "hierarchical")
 COMPRESSIONS = (None, "fp8")
@@ -34,7 +35,7 @@ COMPRESSIONS = (None, "fp8")
 # Status codes a rank puts in its block (0: its arguments are fine). They never leave
 # one job, so they may change between versions.
 OK, BAD_TOKENS, BAD_INDICES, INDEX_OUT_OF_RANGE, BAD_WEIGHTS, INDIVISIBLE, BAD_OPTION = range(7)
-# Header fields, in order, before the rows row and the per-expert counts.
+# Header fields, in order, before the rows to each rank.
 STATUS, DETAIL, NUM_EXPERTS, HIDDEN, DTYPE_CODE, OPTIONS = range(6)
 HEADER_FIELDS = 6
 
@@ -67,6 +68,7 @@ def check_arguments(tokens, expert_indices, num_experts, weights, world: int, al
         return Problem(INDIVISIBLE, 0, f"num_experts {num_experts!r} is not a positive multiple of the group "
                                        f"size {world}")
     if (not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or not tokens.is_floating_point()
+            or tokens.shape[1] == 0
             or tokens.dtype not in {d.torch for d in DTYPES.values()}):
         shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
         return Problem(BAD_TOKENS, 0, f"tokens must be a 2-D [T, H] float tensor (got {shape}"
@@ -103,9 +105,10 @@ class Layout:
     dtype: torch.dtype
     row_of_slot_order: torch.Tensor  # sorted row i carries slot row_of_slot_order[i]
     token_of_row: torch.Tensor       # sorted row i carries token token_of_row[i]
+    sent_per_expert: torch.Tensor    # [world, experts_per_rank]: rows this rank sends to each rank's experts
     rows_matrix: list[list[int]]     # rows_matrix[s][d]: rows rank s sends rank d (every rank knows all)
-    received_per_expert: torch.Tensor  # [world, experts_per_rank]: rows from source s for local expert e
-    tokens_per_expert: list[int]     # rows this rank's local experts receive, per local expert
+    received_per_expert: torch.Tensor | None = None  # [world, experts_per_rank], from the messages' heads
+    tokens_per_expert: list[int] | None = None       # rows this rank's local experts receive, per expert
 
     @property
     def sent_rows(self) -> list[int]:
@@ -122,7 +125,7 @@ def option_code(algo: str, compress) -> int:
 
 
 def route_slots(expert_indices: torch.Tensor, num_experts: int, world: int):
-    """Sorted order of the slots (by expert, stable), and the rows per destination and per expert."""
+    """Sorted order of the slots (by expert, stable), and the rows per expert and per destination."""
     flat = expert_indices.reshape(-1).to(torch.int64)
     order = torch.argsort(flat, stable=True)
     per_expert = torch.bincount(flat, minlength=num_experts)
@@ -130,59 +133,48 @@ def route_slots(expert_indices: torch.Tensor, num_experts: int, world: int):
     return order, per_expert, per_rank
 
 
-def exchange_counts(comm, tokens, expert_indices, num_experts, weights, algo, compress) -> Layout:
-    """Validate everywhere, then learn every rank's counts in one all-to-all; raise alike on every rank."""
+def agree(comm, tokens, expert_indices, num_experts, weights, algo, compress) -> Layout:
+    """Validate everywhere and learn every rank's rows per destination in one all-reduce; raise alike everywhere."""
     world, rank = comm.world, comm.rank
     problem = check_arguments(tokens, expert_indices, num_experts, weights, world, algo, compress)
-    experts_per_rank = -(-num_experts // world) if isinstance(num_experts, int) and num_experts > 0 else 1
-    width = HEADER_FIELDS + world + experts_per_rank
-    blocks = torch.zeros(world, width, dtype=torch.int64)
+    headers = torch.zeros(world, HEADER_FIELDS + world, dtype=torch.int64)
+    mine = headers[rank]
     if problem is None:
-        top_k = expert_indices.shape[1]
         order, per_expert, per_rank = route_slots(expert_indices, num_experts, world)
-        blocks[:, HEADER_FIELDS:HEADER_FIELDS + world] = per_rank
-        blocks[:, HEADER_FIELDS + world:] = per_expert.view(world, experts_per_rank)
-        hidden, dtype_code = tokens.shape[1], next(d.code for d in DTYPES.values() if d.torch == tokens.dtype)
+        mine[HEADER_FIELDS:] = per_rank
+        mine[HIDDEN] = tokens.shape[1]
+        mine[DTYPE_CODE] = next(d.code for d in DTYPES.values() if d.torch == tokens.dtype)
     else:
-        hidden = dtype_code = top_k = 0
-        blocks[:, STATUS], blocks[:, DETAIL] = problem.code, problem.detail
-    blocks[:, NUM_EXPERTS] = num_experts if isinstance(num_experts, int) else -1
-    blocks[:, HIDDEN], blocks[:, DTYPE_CODE] = hidden, dtype_code
-    blocks[:, OPTIONS] = option_code(algo, compress)
-    received = torch.empty_like(blocks)
-    try:
-        comm.all_to_all_single(received, blocks)
-    except MismatchError as e:
-        raise MismatchError(f"moe.dispatch: ranks disagree on num_experts (this rank has {num_experts!r}; "
-                            f"{e})", rank=rank, op="moe.dispatch", peer=e.peer) from None
+        mine[STATUS], mine[DETAIL] = problem.code, problem.detail
+    mine[NUM_EXPERTS] = num_experts if isinstance(num_experts, int) else -1
+    mine[OPTIONS] = option_code(algo, compress)
+    if world > 1:
+        # Its size is the same on every rank whatever the arguments, so the call's own
+        # agreement round (FMCOMM_CHECK) would only repeat what the headers say.
+        with arguments_agreed():
+            comm.all_reduce(headers, algo="native")
 
     problems = []
     for source in range(world):
-        code, detail = int(received[source, STATUS]), int(received[source, DETAIL])
+        code, detail = int(headers[source, STATUS]), int(headers[source, DETAIL])
         if code != OK:
-            text = problem.text if source == rank else describe(code, detail, int(received[source, NUM_EXPERTS]))
-            problems.append(f"rank {source}: {text}")
+            problems.append(f"rank {source}: {describe(code, detail, int(headers[source, NUM_EXPERTS]))}")
     if problems:
-        raise InvalidArgument(f"moe.dispatch (seen by rank {rank}): " + "; ".join(problems))
+        own = f" (here: {problem.text})" if problem is not None else ""
+        raise InvalidArgument("moe.dispatch: " + "; ".join(problems) + own)
     for field, name in ((NUM_EXPERTS, "num_experts"), (HIDDEN, "hidden size"), (DTYPE_CODE, "dtype code"),
                         (OPTIONS, "algo/compress")):
-        values = received[:, field].tolist()
+        values = headers[:, field].tolist()
         if len(set(values)) != 1:
             raise MismatchError(f"moe.dispatch: ranks disagree on {name}: " +
                                 ", ".join(f"rank {s} has {v}" for s, v in enumerate(values)),
                                 rank=rank, op="moe.dispatch")
-    rows_matrix = received[:, HEADER_FIELDS:HEADER_FIELDS + world].tolist()
-    per_source_expert = received[:, HEADER_FIELDS + world:].contiguous()
-    # Counts come from peers: before they size anything, they must be non-negative and
-    # agree with each other (a source's rows here are the sum of its rows per expert here).
-    for source in range(world):
-        if (min(rows_matrix[source]) < 0 or int(per_source_expert[source].min()) < 0
-                or int(per_source_expert[source].sum()) != rows_matrix[source][rank]):
-            raise MismatchError(f"moe.dispatch: rank {source}'s counts do not add up ({rows_matrix[source]}, "
-                                f"{per_source_expert[source].tolist()} for this rank's experts)",
-                                rank=rank, op="moe.dispatch", peer=source)
+    rows_matrix = headers[:, HEADER_FIELDS:].tolist()
+    if any(x < 0 for row in rows_matrix for x in row):  # peers' figures size buffers: check them first
+        raise MismatchError(f"moe.dispatch: a rank reports a negative row count: {rows_matrix}",
+                            rank=rank, op="moe.dispatch")
+    top_k = expert_indices.shape[1]
     return Layout(rank=rank, world=world, num_experts=num_experts, experts_per_rank=num_experts // world,
-                  top_k=top_k, num_tokens=tokens.shape[0], hidden=hidden, dtype=tokens.dtype,
-                  row_of_slot_order=order, token_of_row=order // max(top_k, 1), rows_matrix=rows_matrix,
-                  received_per_expert=per_source_expert,
-                  tokens_per_expert=per_source_expert.sum(0).tolist())
+                  top_k=top_k, num_tokens=tokens.shape[0], hidden=tokens.shape[1], dtype=tokens.dtype,
+                  row_of_slot_order=order, token_of_row=order // max(top_k, 1),
+                  sent_per_expert=per_expert.view(world, num_experts // world), rows_matrix=rows_matrix)

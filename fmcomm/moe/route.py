@@ -6,8 +6,16 @@ blocks of ``recv`` sizes come in, in peer order). Running the steps in reverse o
 each permutation inverted and each exchange with its sizes swapped, takes rows back
 where they came from, which is all combine (and the backward of dispatch) needs.
 
-``direct``: one exchange over the whole group, then the received rows (grouped by
-source rank, each source's rows by local expert) are regrouped by local expert.
+``direct``: one exchange over the whole group. Either route delivers the rows grouped
+by source rank, each source's rows by local expert; dispatch then regroups them by
+local expert (``expert_grouping``).
+
+Heads: dispatch's forward run carries, in front of each source's rows for a
+destination, that source's row count for each of the destination's local experts
+(int32, in as many rows of the row's dtype as they fill; ``heads.py``), so the
+destination learns them with the tokens instead of in a second round of counts. The
+route of that run is built from the rows matrix plus the head rows; the route kept for
+combine and the backward passes, from the rows matrix alone.
 
 ``hierarchical`` (Tutel's 2DH; DeepSpeed-MoE's hierarchical all-to-all): N nodes of L
 ranks; rank (a, l) is local rank l of node a. Step 1, inside each node: every rank hands
@@ -23,10 +31,13 @@ each row makes one hop inside its source node (the price).
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
 from ..algorithms.hierarchical import group_by_node
+from ..dtypes import dtype_of
+from ..executor import arguments_agreed
 
 
 @dataclasses.dataclass
@@ -46,11 +57,18 @@ class Permute:
 @dataclasses.dataclass
 class Exchange:
     group: object  # a Communicator
-    send: list[int]
-    recv: list[int]
+    rows: list[list[int]]  # rows[i][j]: rows group rank i sends group rank j (every member knows all)
+
+    @property
+    def send(self) -> list[int]:
+        return self.rows[self.group.rank]
+
+    @property
+    def recv(self) -> list[int]:
+        return [row[self.group.rank] for row in self.rows]
 
     def reversed(self) -> "Exchange":
-        return Exchange(self.group, self.recv, self.send)
+        return Exchange(self.group, [list(col) for col in zip(*self.rows)])
 
 
 def block_permutation(sizes: dict, current: list, wanted: list) -> torch.Tensor:
@@ -63,61 +81,67 @@ def block_permutation(sizes: dict, current: list, wanted: list) -> torch.Tensor:
     return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
 
 
-def expert_grouping(layout) -> Permute:
-    """Rows received grouped by source (each by local expert) → grouped by local expert (sources in order)."""
-    experts = torch.arange(layout.experts_per_rank).repeat(layout.world)
-    expert_of_row = torch.repeat_interleave(experts, layout.received_per_expert.reshape(-1))
+def expert_grouping(received_per_expert: torch.Tensor) -> Permute:
+    """Rows grouped by source (each by local expert) → grouped by local expert (sources in order)."""
+    world, local = received_per_expert.shape
+    experts = torch.arange(local).repeat(world)
+    expert_of_row = torch.repeat_interleave(experts, received_per_expert.reshape(-1))
     return Permute(torch.argsort(expert_of_row, stable=True))
 
 
-def direct_route(comm, layout) -> list:
-    return [Exchange(comm, layout.sent_rows, layout.received_rows), expert_grouping(layout)]
+def to_sources(comm, m: list[list[int]], algo: str, levels=None) -> list:
+    """Steps that take rows sorted by destination to their destinations, grouped there by source rank.
 
-
-def hierarchical_route(comm, layout, node_group, lane_group) -> list:
-    """The two-step route described in the module docstring (every rank derives it from the rows matrix)."""
-    m, me = layout.rows_matrix, comm.rank
+    ``m[s][d]``: rows rank s sends rank d."""
+    if algo == "direct":
+        return [Exchange(comm, m)]
+    node_group, lane_group = levels
+    me = comm.rank
     nodes = group_by_node(tuple(comm.topology.node_of))
     node_of_rank = {r: b for b, members in enumerate(nodes) for r in members}
     a, local = node_of_rank[me], nodes[node_of_rank[me]].index(me)
     n_nodes, per_node = len(nodes), len(nodes[0])
     my_node = nodes[a]
+    lanes, node_indices = range(per_node), range(n_nodes)
 
-    # Step 1: my rows, sorted by destination rank, regrouped by (destination's local index, its node).
-    by_rank = {d: m[me][d] for d in range(comm.world)}
-    to_lane_order = [nodes[b][lp] for lp in range(per_node) for b in range(n_nodes)]
-    step1_permute = Permute(block_permutation(by_rank, list(range(comm.world)), to_lane_order))
-    step1 = Exchange(node_group,
-                     [sum(m[me][nodes[b][lp]] for b in range(n_nodes)) for lp in range(per_node)],
-                     [sum(m[my_node[lq]][nodes[b][local]] for b in range(n_nodes)) for lq in range(per_node)])
-    # Received: for each source local rank lq, for each destination node b, the rows
-    # (a, lq) sends (b, local). Step 2 sends them by destination node.
-    held = {(lq, b): m[my_node[lq]][nodes[b][local]] for lq in range(per_node) for b in range(n_nodes)}
-    step2_permute = Permute(block_permutation(
-        held, [(lq, b) for lq in range(per_node) for b in range(n_nodes)],
-        [(lq, b) for b in range(n_nodes) for lq in range(per_node)]))
-    step2 = Exchange(lane_group,
-                     [sum(held[(lq, b)] for lq in range(per_node)) for b in range(n_nodes)],
-                     [sum(m[nodes[b][lq]][me] for lq in range(per_node)) for b in range(n_nodes)])
-    # Received: for each source node b, for each of its local ranks lq, the rows (b, lq)
-    # sends me; put the sources in rank order as direct delivers them, then by expert.
-    arrived = {nodes[b][lq]: m[nodes[b][lq]][me] for b in range(n_nodes) for lq in range(per_node)}
-    to_rank_order = block_permutation(arrived, [nodes[b][lq] for b in range(n_nodes) for lq in range(per_node)],
-                                      list(range(comm.world)))
-    by_expert = expert_grouping(layout).index
-    return [step1_permute, step1, step2_permute, step2, Permute(to_rank_order[by_expert])]
+    # Step 1, inside node a: local rank lq hands local rank lp its rows for lane lp of every node.
+    step1 = Exchange(node_group, [[sum(m[my_node[lq]][nodes[b][lp]] for b in node_indices) for lp in lanes]
+                                  for lq in lanes])
+    to_lane_order = [nodes[b][lp] for lp in lanes for b in node_indices]
+    step1_permute = Permute(block_permutation({d: m[me][d] for d in range(comm.world)}, list(range(comm.world)),
+                                              to_lane_order))
+    # Held after step 1: for each source local rank lq, for each node b, the rows (a, lq)
+    # sends (b, local). Step 2 sends them on by destination node, along this lane.
+    held = {(lq, b): m[my_node[lq]][nodes[b][local]] for lq in lanes for b in node_indices}
+    step2_permute = Permute(block_permutation(held, [(lq, b) for lq in lanes for b in node_indices],
+                                              [(lq, b) for b in node_indices for lq in lanes]))
+    step2 = Exchange(lane_group, [[sum(m[nodes[b_from][lq]][nodes[b_to][local]] for lq in lanes)
+                                   for b_to in node_indices] for b_from in node_indices])
+    # Arrived: for each source node b, for each of its local ranks, the rows it sends me;
+    # sources into rank order, as direct delivers them.
+    arrived = {nodes[b][lq]: m[nodes[b][lq]][me] for b in node_indices for lq in lanes}
+    to_rank_order = Permute(block_permutation(arrived, [nodes[b][lq] for b in node_indices for lq in lanes],
+                                              list(range(comm.world))))
+    return [step1_permute, step1, step2_permute, step2, to_rank_order]
 
 
 def run(steps: list, rows: torch.Tensor, backward: bool = False) -> torch.Tensor:
-    """Move ``rows`` along the route (``backward``: from its end back to its start)."""
+    """Move ``rows`` along the route (``backward``: from its end back to its start).
+
+    Every member of each exchange already knows every member's counts (the dispatch's
+    agreement), so each exchange is one engine call with nothing agreed before it.
+    """
     if backward:
         steps = [s.inverse() if isinstance(s, Permute) else s.reversed() for s in reversed(steps)]
+    width = math.prod(rows.shape[1:])
     for step in steps:
         if isinstance(step, Permute):
             rows = rows[step.index]
         else:
             out = rows.new_empty((sum(step.recv),) + tuple(rows.shape[1:]))
-            step.group.all_to_all_single(out, rows.contiguous(), step.recv, step.send)
+            counts = [[n * width for n in row] for row in step.rows]
+            with arguments_agreed():
+                step.group._all_to_all_counts(out.view(-1), rows.contiguous().view(-1), dtype_of(rows.dtype), counts,
+                                              None, False)
             rows = out
     return rows
-
