@@ -178,7 +178,7 @@ setup(
     # The machine presets live in the top-level topology/ folder and install as fmcomm/_presets/.
     packages=find_packages(include=["fmcomm", "fmcomm.*"]) + ["fmcomm._presets"],
     package_dir={"fmcomm._presets": "topology"},
-    package_data={"fmcomm._presets": ["*.json"], "fmcomm.moe": ["*.json"]},
+    package_data={"fmcomm._presets": ["*.json"], "fmcomm.tuning": ["*.json"], "fmcomm.moe": ["*.json"]},
     install_requires=["torch>=2.1", "numpy"],
     extras_require={
         "mpi": ["mpi4py>=3.1"],

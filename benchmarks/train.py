@@ -81,7 +81,7 @@ Measurements (per step; medians and means over the steps from max(--warmup,
   exposed = step ms - compute-only ms, overlap = 1 - exposed / comm;
 * bytes/step sent per rank: fmcomm's counted ``executor.stats.wire_bytes`` (and
   ``inter_node_bytes``) deltas, plus, by formula, the buckets fmcomm hands to the
-  engine's native all-reduce (below FMCOMM_AUTO_RING_MIN_BYTES, uncompressed steps)
+  engine's native all-reduce (where auto chooses it, uncompressed steps)
   which its executor does not count; for PyTorch's configs a formula: a ring
   all-reduce of S bytes sends 2(p-1)/p*S per rank (gloo's all-reduce is a ring), fp16
   halves S, PowerSGD all-reduces its P (n x r) and Q (m x r) matrices plus the tensors
@@ -124,6 +124,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
 import fmcomm.ddp  # noqa: E402
 import fmcomm.optim  # noqa: E402
+import fmcomm.dtypes  # noqa: E402
 from fmcomm import compressed  # noqa: E402
 from fmcomm.launch import detect  # noqa: E402
 from train_model import Batches, CharGPT, load_corpus  # noqa: E402
@@ -417,8 +418,8 @@ class Run:
                 del model.register_comm_hook
 
     # fmcomm: buckets sent uncompressed (before start_iter, or below the hook's
-    # compress_min_bytes) and below FMCOMM_AUTO_RING_MIN_BYTES go to the engine's
-    # all-reduce, which the executor does not count: add them by formula.
+    # compress_min_bytes) for which auto chooses the engine's all-reduce, which the
+    # executor does not count: add them by formula.
     # And those the hook hands to the process group itself (one node, uncompressed).
     def _fm_before(self, state, bucket):
         return state.step, state.group_buckets  # the hook advances the step at the last bucket
@@ -433,7 +434,9 @@ class Run:
                         or nbytes < state.compress_min_bytes)
         if not uncompressed:
             return
-        if nbytes and nbytes < state.communicator().config.auto_ring_min_bytes:
+        comm, buf = state.communicator(), bucket.buffer()
+        request = comm.request("all_reduce", nbytes, fmcomm.dtypes.dtype_of(buf.dtype), "sum", buf.device.type)
+        if nbytes and comm.planner.choose(request).algorithm == "native":
             self.rec.add_ring(nbytes, self._ring_inter)
 
     def counted(self) -> tuple[int, int]:

@@ -15,7 +15,7 @@ from .communicator import Communicator, Work
 from .config import Config
 from .errors import (CollectiveError, CommTimeoutError, ConfigError, FmcommError, InitError, InvalidArgument,
                      MachineFileError, MismatchError, NonFiniteError, ScheduleError, TopologyError, TransportError,
-                     UnsupportedError)
+                     TuningFileError, UnsupportedError)
 
 __all__ = [
     "init", "finalize", "all_reduce", "reduce_scatter", "all_gather", "broadcast", "reduce", "all_to_all_single",
@@ -23,5 +23,5 @@ __all__ = [
     "Communicator", "Work", "Config",
     "FmcommError", "ConfigError", "InitError", "InvalidArgument", "UnsupportedError", "ScheduleError",
     "CollectiveError", "CommTimeoutError", "MismatchError", "TransportError", "NonFiniteError",
-    "TopologyError", "MachineFileError",
+    "TopologyError", "MachineFileError", "TuningFileError",
 ]

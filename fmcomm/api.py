@@ -93,7 +93,8 @@ def finalize() -> None:
 
 
 def all_reduce(tensor, op: str = "sum", algo: str | None = None, group: Communicator | None = None,
-               async_op: bool = False, output=None, compress=None, state=None, key=None):
+               async_op: bool = False, output=None, compress=None, state=None, key=None,
+               max_error: float | None = None):
     """All-reduce ``tensor`` in place over ``group`` (default: the communicator from init).
 
     ``op``: sum, avg, min, max or prod. ``algo``: auto, native or a schedule's name
@@ -104,11 +105,12 @@ def all_reduce(tensor, op: str = "sum", algo: str | None = None, group: Communic
     ``compress``: ``fp16``, ``bf16``, ``fp8``, ``onebit`` or ``topk:RATIO``, each
     optionally ``@inter`` (compress between nodes only), for float sum/avg;
     ``state``/``key``: where error feedback keeps its residuals (see
-    :meth:`Communicator.all_reduce`).
+    :meth:`Communicator.all_reduce`). ``compress="auto"`` with ``max_error``: the
+    fastest compressor here (or none) whose relative error is at most ``max_error``.
     """
     comm = group if group is not None else default_communicator()
     return comm.all_reduce(tensor, op=op, algo=algo, async_op=async_op, output=output, compress=compress,
-                           state=state, key=key)
+                           state=state, key=key, max_error=max_error)
 
 
 def reduce_scatter(output, input, op: str = "sum", algo: str | None = None, group: Communicator | None = None,

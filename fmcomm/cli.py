@@ -110,6 +110,26 @@ def main(argv: list[str] | None = None) -> int:
 
     sub.add_parser("info", help="what this installation has: native kernels, MPI, gloo/NCCL, launcher")
 
+    tu = sub.add_parser("tune", help="measure the fastest algorithm per collective and size here and write the "
+                                     "tuning table auto follows")
+    tu.add_argument("-n", "--nranks", type=int, default=None, help="start this many local ranks through mpiexec")
+    tu.add_argument("-b", "--minbytes", type=_size, default=_size("4"))
+    tu.add_argument("-e", "--maxbytes", type=_size, default=_size("64M"))
+    tu.add_argument("-f", "--stepfactor", type=int, default=4)
+    tu.add_argument("--collectives", type=_list, default=None, help="comma list (default: every collective)")
+    tu.add_argument("--dtype", default="float32")
+    tu.add_argument("--transport", default="mpi", choices=["mpi", "torch"])
+    tu.add_argument("--out", default=None, help="the table's path (default: the per-user cache for this machine's "
+                                               "topology fingerprint, which init() reads)")
+    tu.add_argument("--show", default=None, metavar="FILE", help="print a tuning table and exit")
+    tu.add_argument("--compress", type=_list, default=None,
+                    help="compressors measured for compress='auto' (default: fp16, bf16, fp8, onebit, topk:0.01, "
+                         "also @inter across nodes; 'none' measures none)")
+    tu.add_argument("--compress-from", type=_size, default=_size("64K"),
+                    help="measure compressed all-reduces from this size up")
+    tu.add_argument("--no-probe", action="store_true", help="do not measure latency and bandwidth first (the cost "
+                                                            "model then prunes nothing unless FMCOMM_TOPO_FILE has them)")
+
     sm = sub.add_parser("simulate", help="predict every candidate algorithm's time on a preset or machine file "
                                          "(the cost model over the real schedules), nccl-tests columns")
     sm.add_argument("--topology", default=None, help="a preset name (e.g. dgx-h100) or a machine file; "
@@ -153,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
             from .api import info
             print(json.dumps(info(), indent=2))
             return 0
+        if args.cmd == "tune":
+            return _tune(args, argv)
         if args.cmd == "bench":
             here = launch.detect()
             if args.nranks is not None and here.launcher == "none" and args.nranks > 1:
@@ -181,6 +203,24 @@ def main(argv: list[str] | None = None) -> int:
     except FmcommError as e:
         print(f"fmcomm: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _tune(args, argv: list[str]) -> int:
+    from .tuning import sweep, table
+    if args.show:
+        print(sweep.describe(table.load(args.show)))
+        return 0
+    here = launch.detect()
+    if args.nranks is not None and here.launcher == "none" and args.nranks > 1:
+        return _relaunch(args.nranks, _strip_n(argv))
+    if args.minbytes > args.maxbytes:
+        print("fmcomm: -b must not exceed -e", file=sys.stderr)
+        return 2
+    sweep.run_tune(sweep.TuneArgs(
+        collectives=args.collectives or sweep.COLLECTIVES, min_bytes=args.minbytes, max_bytes=args.maxbytes,
+        factor=args.stepfactor, dtype=args.dtype, transport=args.transport, out=args.out, probe=not args.no_probe,
+        compress=(() if args.compress == ("none",) else args.compress), compress_from=args.compress_from))
     return 0
 
 
@@ -258,9 +298,11 @@ def _topo(args, argv: list[str]) -> int:
         return 0
     print(describe.describe(topo, _native_paths() if args.topology is None else None, notes=args.notes))
     if args.explain:
+        from .tuning import table as tables
         from .tuning.explain import explain
         op, size = args.explain
-        print(explain(topo, op, _size(size)))
+        from .config import Config
+        print(explain(topo, op, _size(size), table=tables.active(Config.from_env().tuning_file, topo.fingerprint())))
     if args.dump:
         source = "preset" if args.topology is not None else "detected"
         topology.dump(topo, args.dump, node_source=source)

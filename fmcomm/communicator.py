@@ -1,18 +1,14 @@
-"""The Communicator: one group of ranks, its transport, its configuration.
+"""The Communicator: the front door of one group of ranks.
 
-It turns a user call into a plan (algorithm + schedule, cached per shape), checks the
-arguments locally before any byte moves, and runs the plan through the executor,
-inline or, for ``async_op=True``, on the communicator's one worker thread. Calls run
-in the order they were made on every rank, sync or async, which is what keeps their
-sequence numbers (and so their messages) matched across ranks.
+It checks a call's arguments locally before any byte moves and turns the call into a
+:class:`~fmcomm.tuning.select.Request`; its planner (``fmcomm.runtime.planner``)
+chooses what runs and compiles it once per shape; its runner
+(``fmcomm.runtime.runner``) runs calls one at a time in program order, inline or, for
+``async_op=True``, on the communicator's one worker thread, through the executor.
 """
 from __future__ import annotations
 
-import concurrent.futures
-import functools
-import inspect
 import logging
-import threading
 import time
 import zlib
 from typing import Any
@@ -20,47 +16,25 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import algorithms, schedule, topology
+from . import algorithms, topology
 from . import compressed, compression
-from .algorithms.hierarchical import group_by_node
+from .algorithms import AUTO
 from .compression import ErrorFeedback
 from .config import Config
 from .dtypes import DType, dtype_of, redop_code
-from .errors import (CollectiveError, CommTimeoutError, FmcommError, InvalidArgument, MismatchError,
-                     NonFiniteError)
-from .executor import Call, Executor, arguments_agreed, compile_rounds
+from .errors import CommTimeoutError, FmcommError, InvalidArgument, MismatchError
 from .kernels import Reducer, resolve_native
-from .select import select
+from .runtime.executor import Call, Executor, arguments_agreed
+from .runtime.planner import Planner
+from .runtime.runner import Runner, Work
 from .transport.base import Transport
 from .transport.shared_memory import SharedMemoryCache
+from .tuning import table as tuning_table
+from .tuning.select import Request, configured
 
 log = logging.getLogger("fmcomm")
 
-
-class Work:
-    """Handle of an ``async_op=True`` call, as torch.distributed's ``Work``."""
-
-    def __init__(self, future: concurrent.futures.Future):
-        self._future = future
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Block until the collective finished; raise its error if it failed."""
-        try:
-            self._future.result(timeout)
-        except concurrent.futures.TimeoutError:
-            raise CommTimeoutError(f"work not finished within {timeout} s (the collective itself "
-                                   f"is still running and may complete later)") from None
-        return True
-
-    def is_completed(self) -> bool:
-        return self._future.done()
-
-    def add_done_callback(self, fn) -> None:
-        """Call ``fn(future)`` when the collective finished (at once if it has), as concurrent.futures."""
-        self._future.add_done_callback(fn)
-
-    def exception(self) -> BaseException | None:
-        return self._future.exception() if self._future.done() else None
+__all__ = ["Communicator", "Work", "as_flat_tensor"]
 
 
 def as_flat_tensor(obj: Any, what: str) -> tuple[torch.Tensor, DType]:
@@ -120,107 +94,64 @@ class Communicator:
         self.topology = topology.detect(transport, self.config.node_id, self.config.timeout, self.config.topo_file)
         self.use_native = resolve_native(self.config.native)
         self.executor = Executor(transport, self.config.timeout, self.config.check)
-        self._seq = 0
-        self._lock = threading.Lock()
-        self._worker: concurrent.futures.ThreadPoolExecutor | None = None
-        self._pending: list[concurrent.futures.Future] = []
-        self._failed: BaseException | None = None
-        self._inside = threading.local()  # .active while a call of this communicator runs on this thread
+        self.planner = Planner(self.rank, self.world, self.topology, self._agreed_table(),
+                               self.config.segment_bytes)
+        self.runner = Runner(self.rank)
         self.error_feedback = ErrorFeedback()  # default state of compressed all-reduces (see all_reduce)
         self._levels_cache: tuple | None = None
         # Where this is a node group of levels(): its /dev/shm segment, attached on first use.
         self.shared_memory = SharedMemoryCache(self)
 
-    # ---------------------------------------------------------------- plans
-    @functools.lru_cache(maxsize=256)
-    def _plan(self, collective: str, algo: str, itemsize: int, input_count: int, output_count: int,
-              params: tuple):
-        """Build every rank's schedule, validate it once, and compile this rank's part."""
-        fn = algorithms.REGISTRY[(collective, algo)]
-        kw = dict(params)
-        if "node_of" in inspect.signature(fn).parameters:
-            kw["node_of"] = self.topology.node_of  # topology-aware schedules (hierarchical)
-        full = schedule.build(collective, algo, fn, self.world, input_count, output_count, **kw)
-        # A reduce leaves its non-root outputs alone; an all-to-all's outputs differ in
-        # size per rank, so the one output_count is the largest and the rest of it
-        # is not written. Every other collective writes all of its output.
-        # All-to-all is out of place only (all_to_all_single refuses overlapping
-        # buffers), so its schedules are validated with input and output apart.
-        schedule.validate(full, output_written=collective not in ("reduce", "all_to_all"),
-                          in_place=collective != "all_to_all")
-        return compile_rounds(full.ranks[self.rank], itemsize, self.config.segment_bytes, self.topology.node_of)
+    def _agreed_table(self) -> tuning_table.TuningTable:
+        """The tuning table every rank follows: each rank finds its own (a file, a cache
+        per machine), so they check in one small all-reduce that they found the same;
+        where they did not, every rank follows the default table (and says so), since
+        ranks choosing differently would disagree on every call."""
+        table = tuning_table.active(self.config.tuning_file, self.topology.fingerprint())
+        if self.world == 1:
+            return table
+        mine = tuning_table.digest(table)
+        both = torch.tensor([mine, -mine], dtype=torch.int64)
+        req = self.transport.native_all_reduce(both, both, dtype_of("int64"), "max")
+        if not self.transport.wait([req], time.monotonic() + self.config.timeout):
+            raise CommTimeoutError("ranks did not compare their tuning tables within the timeout",
+                                   rank=self.rank, op="init")
+        if int(both[0]) != -int(both[1]):
+            if self.rank == 0:
+                log.warning("ranks found different tuning tables (this rank: %s); every rank follows the default "
+                            "table instead", table.source)
+            return tuning_table.default_table()
+        return table
 
-    # ------------------------------------------------------------ execution
-    def _next_seq(self) -> int:
-        with self._lock:
-            self._seq += 1
-            return self._seq
+    def request(self, collective: str, nbytes: int, dtype: DType, op: str, device: str,
+                algo: str | None = None) -> Request:
+        """A call as selection sees it: ``algo`` (or FMCOMM_ALGO) forces a choice."""
+        forced = algo.lower() if algo else configured(collective, self.config.algo)
+        return Request(collective, nbytes, dtype.name, op, device, forced,
+                       self.transport.supports_native(collective, dtype, op, device), self.transport.name)
 
-    def _submit(self, fn, async_op: bool):
-        if self._failed is not None:
-            raise FmcommError(f"rank {self.rank}: communicator is unusable after an earlier failure: {self._failed}")
-        if getattr(self._inside, "active", False):
-            # A call made by a composite (a compressed all-reduce) that is itself
-            # running as this communicator's current call: it runs inline, in order.
-            self._guarded(fn)
-            return None
-        if not async_op:
-            self._drain()
-            self._guarded(fn)
-            return None
-        if self._worker is None:
-            self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fmcomm")
-        fut = self._worker.submit(self._guarded, fn)
-        self._pending.append(fut)
-        return Work(fut)
-
-    def _guarded(self, fn) -> None:
-        outer = getattr(self._inside, "active", False)
-        self._inside.active = True
-        try:
-            fn()
-        except CollectiveError as e:
-            # Messages of the failed call may still be in flight; later calls could
-            # match them, so this communicator refuses further work. A NonFiniteError
-            # is raised by every rank at one agreed point, with nothing in flight.
-            if not isinstance(e, NonFiniteError):
-                self._failed = e
-            raise
-        finally:
-            self._inside.active = outer
-
-    def _drain(self) -> None:
-        pending, self._pending = self._pending, []
-        for fut in pending:
-            fut.result()
-
-    # ----------------------------------------------------------- collectives
     def _launch(self, collective: str, inp: torch.Tensor, out: torch.Tensor, dtype: DType, op: str,
                 algo: str | None, async_op: bool, input_count: int, output_count: int, params: tuple,
                 header_count: int, root: int = -1, average: bool = True, native_start=None):
-        """Select, plan and run one collective (the path every public call takes)."""
-        device = inp.device.type
-        name = select(collective, max(inp.numel(), out.numel()) * dtype.itemsize, dtype, op, device,
-                      self.transport, self.config, algo, self.topology.node_of)
+        """Plan and run one collective (the path every public call takes)."""
+        request = self.request(collective, max(inp.numel(), out.numel()) * dtype.itemsize, dtype, op,
+                               inp.device.type, algo)
+        name = self.planner.choose(request).algorithm
         if name == algorithms.NATIVE:
-            plan = reducer = None
+            rounds = reducer = None
         else:
-            plan = self._plan(collective, name, dtype.itemsize, input_count, output_count, params)
+            rounds = self.planner.rounds(collective, name, dtype.itemsize, input_count, output_count, params)
             reducer = Reducer(dtype, op, self.use_native)
 
         def run() -> None:
-            # The sequence number is taken when the call runs, not when it is made:
-            # calls run one at a time in program order (async ones on the worker, a
-            # compressed all-reduce's inner calls inside it), so every rank numbers
-            # them alike.
-            call = Call(collective, name, header_count, dtype, op, self._next_seq(), root)
+            call = Call(collective, name, header_count, dtype, op, self.runner.next_seq(), root)
             log.debug("rank %d seq %d %s %s %d x %s op %s", self.rank, call.seq, collective, name, header_count,
                       dtype.name, op)
-            if plan is None:
+            if rounds is None:
                 self.executor.run_native(call, inp, out, native_start)
             else:
-                self.executor.run_schedule(call, plan, inp, out, reducer, average)
-        return self._submit(run, async_op)
+                self.executor.run_schedule(call, rounds, inp, out, reducer, average)
+        return self.runner.submit(run, async_op)
 
     def _root(self, root: int, what: str) -> int:
         if not isinstance(root, int) or not 0 <= root < self.world:
@@ -234,7 +165,8 @@ class Communicator:
                                   f"({adtype.name} on {a.device} vs {bdtype.name} on {b.device})")
 
     def all_reduce(self, tensor, op: str = "sum", algo: str | None = None, async_op: bool = False,
-                   output=None, compress=None, state: ErrorFeedback | None = None, key=None):
+                   output=None, compress=None, state: ErrorFeedback | None = None, key=None,
+                   max_error: float | None = None):
         """Reduce ``tensor`` over all ranks; every rank gets the result in place.
 
         ``output``, if given, receives the result instead and ``tensor`` is left as it
@@ -247,6 +179,11 @@ class Communicator:
         communicator's ``error_feedback``) under ``key`` and the compressor's name:
         give each tensor that is reduced repeatedly (each gradient bucket) its own
         key. Without ``key`` nothing is kept from one call to the next.
+
+        ``compress="auto"`` needs ``max_error``: the compressor (or none) that is
+        fastest here among those whose relative error ``||result - sum|| / ||sum||``
+        is at most ``max_error`` runs: by the tuning table's measurements (``fmcomm
+        tune``), else by the cost model on a machine file's figures, else none.
         """
         inp, dtype = as_flat_tensor(tensor, "all_reduce tensor")
         op = _redop(op)
@@ -257,10 +194,21 @@ class Communicator:
                 raise InvalidArgument(f"all_reduce output must match the input: {inp.numel()} {dtype.name} "
                                       f"on {inp.device}, got {out.numel()} {odtype.name} on {out.device}")
         n = inp.numel()
+        if isinstance(compress, str) and compress.strip().lower() == AUTO:
+            compress = self.compression_for(n * dtype.itemsize, max_error).spec
+        elif max_error is not None:
+            raise InvalidArgument("max_error applies to compress='auto' only")
         spec = compression.parse(compress)
         if spec.enabled:
             return self._compressed_all_reduce(inp, out, dtype, op, spec, state, key, algo, async_op)
         return self._launch("all_reduce", inp, out, dtype, op, algo, async_op, n, n, (("count", n),), n)
+
+    def compression_for(self, nbytes: int, max_error):
+        """What ``compress="auto"`` runs for ``nbytes`` within ``max_error`` (see all_reduce)."""
+        if isinstance(max_error, bool) or not isinstance(max_error, (int, float)) or not max_error > 0:
+            raise InvalidArgument(f"compress='auto' needs max_error, a relative error > 0 (such as 0.05), "
+                                  f"got {max_error!r}")
+        return self.planner.compression(nbytes, float(max_error))
 
     def _compressed_all_reduce(self, inp, out, dtype: DType, op: str, spec, state, key, algo, async_op):
         if op not in ("sum", "avg"):
@@ -284,11 +232,11 @@ class Communicator:
         def run() -> None:
             # One agreement on the whole call (count, dtype, op, spec); its inner calls
             # then follow alike on every rank and skip their own.
-            call = Call("all_reduce", f"compressed:{spec.text}", inp.numel(), dtype, op, self._next_seq())
+            call = Call("all_reduce", f"compressed:{spec.text}", inp.numel(), dtype, op, self.runner.next_seq())
             self.executor.check_native(call)
             with arguments_agreed():
                 compressed.all_reduce(self, inp, out, spec, state, key, op, levels)
-        return self._submit(run, async_op)
+        return self.runner.submit(run, async_op)
 
     def run_async(self, fn) -> Work:
         """Run ``fn()`` on this communicator's worker, after every earlier async call.
@@ -298,7 +246,7 @@ class Communicator:
         inline, in order. ``fn`` must not create groups (``new_group``, a first
         ``levels()``), which wait for the worker it is running on.
         """
-        return self._submit(fn, True)
+        return self.runner.submit(fn, True)
 
     def levels(self) -> "tuple[Communicator, Communicator] | None":
         """(this rank's node group, its lane group) for two-level collectives, made once.
@@ -308,7 +256,7 @@ class Communicator:
         of ranks. Every rank must call this at the same point (it makes groups).
         """
         if self._levels_cache is None:
-            nodes = group_by_node(self.topology.node_of)
+            nodes = self.topology.groups()
             if len(nodes) < 2 or len({len(n) for n in nodes}) != 1:
                 self._levels_cache = (None,)
             else:
@@ -405,9 +353,9 @@ class Communicator:
     def _exchange_splits(self, send: list[int]) -> list[list[int]]:
         """Every rank's send counts (one row each), through the engine's all-reduce."""
         # The exchange is a collective: it must follow earlier async calls. Inside a call
-        # already running on the worker (run_async), those have run: waiting would wait on itself.
-        if not getattr(self._inside, "active", False):
-            self._drain()
+        # already running (run_async on the worker), those have run: waiting would wait on itself.
+        if not self.runner.inside_call():
+            self.runner.drain()
         m = torch.zeros(self.world * self.world, dtype=torch.int64)
         m[self.rank * self.world:(self.rank + 1) * self.world] = torch.tensor(send, dtype=torch.int64)
         if self.world > 1:
@@ -432,7 +380,7 @@ class Communicator:
         ranks = list(ranks)
         if sorted(set(ranks)) != sorted(ranks) or any(not 0 <= r < self.world for r in ranks):
             raise InvalidArgument(f"new_group ranks {ranks} must be distinct ranks of 0..{self.world - 1}")
-        self._drain()
+        self.runner.drain()
         sub = self.transport.subgroup(ranks, self.config.timeout)
         return Communicator(sub, self.config) if sub is not None else None
 
@@ -441,16 +389,8 @@ class Communicator:
         of ``levels()`` (this communicator made them), shared memory and the transport
         (a torch.distributed group stays its owner's)."""
         try:
-            self._drain()
-        except FmcommError:
-            # After a failure the failed call's error went to whoever waited for it;
-            # close() only releases.
-            if self._failed is None:
-                raise
+            self.runner.close()
         finally:
-            if self._worker is not None:
-                self._worker.shutdown(wait=True)
-                self._worker = None
             levels, self._levels_cache = self._levels_cache, None
             for group in levels or ():
                 if group is not None:

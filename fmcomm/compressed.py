@@ -57,7 +57,7 @@ from .compression.state import Slot
 from .compression.base import round_up
 from .dtypes import DTYPES
 from .errors import NonFiniteError
-from .executor import arguments_agreed
+from .runtime.executor import arguments_agreed
 from .schedule import chunk_bounds
 
 

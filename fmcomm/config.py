@@ -4,7 +4,7 @@ Every option has a name, a type, a default and a one-line description, all liste
 :data:`OPTIONS`. The environment variable of option ``name`` is ``FMCOMM_<NAME>``
 (upper case). An ``FMCOMM_*`` variable that names no option, or a value that does not
 parse, is a :class:`~fmcomm.errors.ConfigError`: a typo must not silently fall back to
-a default. The README's option table is generated from the same list
+a default. The option table of docs/configuration.md is generated from the same list
 (``python -m fmcomm.config``), so the two cannot drift apart.
 """
 from __future__ import annotations
@@ -98,8 +98,8 @@ class Option:
 
 OPTIONS: tuple[Option, ...] = (
     Option("algo", "auto", _parse_algo,
-           "Algorithm unless a call passes `algo=`: `auto`, `native` or a schedule's name (README: "
-           "Algorithms), used by every collective that has it; or per collective, "
+           "Algorithm unless a call passes `algo=`: `auto`, `native` or a schedule's name (docs/algorithms.md), "
+           "used by every collective that has it; or per collective, "
            "`all_reduce:ring;broadcast:chain`."),
     Option("transport", "auto", _choice("auto", "mpi", "torch"),
            "Engine that moves the bytes. `auto`: an existing torch.distributed group if one is "
@@ -121,11 +121,6 @@ OPTIONS: tuple[Option, ...] = (
            "so ranks that disagree all get `MismatchError` instead of a hang or a wrong result."),
     Option("node_id", "", str,
            "Name of the node this rank runs on; empty: the hostname. Ranks with one name share a node."),
-    Option("auto_ring_min_bytes", 1 << 20, parse_size,
-           "`auto` all-reduce rule until the tuner exists: the engine's native all-reduce below this "
-           "many bytes (where it supports the dtype and op), `ring` from here up, or `hierarchical` where the "
-           "ranks span several nodes of two or more ranks each (0: never prefer either). "
-           "1M is where fmcomm's ring overtook its native (MPICH) all-reduce in `fmcomm bench -n 2` on the development box."),
     Option("nan", "propagate", _choice("propagate", "raise"),
            "A NaN or infinity in any rank's input to a compressed all-reduce. `propagate`: that call "
            "runs uncompressed, so the value reaches every rank's output identically, and its key's "
@@ -139,6 +134,10 @@ OPTIONS: tuple[Option, ...] = (
            "A machine file (`fmcomm topo --dump FILE`, or a preset in `topology/`) whose figures (latency "
            "and bandwidth per level, kernel rates) and node facts stand in for detection; empty: detect. "
            "A file of a newer format version or one that does not parse is refused with `MachineFileError`."),
+    Option("tuning_file", "", str,
+           "A tuning table (`fmcomm tune`) whose rows `auto` follows before fmcomm's default table "
+           "(`fmcomm/tuning/default_table.json`); empty: the default table only. A table that cannot be "
+           "read or is of a newer format version is passed over with one warning."),
 )
 
 _BY_NAME = {o.name: o for o in OPTIONS}
@@ -154,10 +153,10 @@ class Config:
     native: str = "auto"
     check: bool = True
     node_id: str = ""
-    auto_ring_min_bytes: int = 1 << 20
     nan: str = "propagate"
     shm: str = "auto"
     topo_file: str = ""
+    tuning_file: str = ""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Config":
@@ -197,11 +196,11 @@ assert {f.name: f.default for f in dataclasses.fields(Config)} == {o.name: o.def
 
 
 def markdown_table() -> str:
-    """The README's option table."""
+    """The option table of docs/configuration.md."""
     rows = ["| option | environment | default | meaning |", "|---|---|---|---|"]
     for o in OPTIONS:
         default = o.default
-        if o.name in ("segment_bytes", "auto_ring_min_bytes"):
+        if o.name == "segment_bytes":
             default = f"{default >> 20}M"
         rows.append(f"| `{o.name}` | `{o.env}` | `{default}` | {o.doc} |")
     return "\n".join(rows)

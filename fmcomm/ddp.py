@@ -25,10 +25,12 @@ Example::
 
 ``compress`` takes every spec of :mod:`fmcomm.compression` (``none``, ``fp16``,
 ``bf16``, ``fp8``, ``onebit``, ``topk:R``, each optionally ``@inter``) and ``auto``:
-until the tuner exists, ``auto`` is ``fp8@inter`` where the group spans several
-nodes of equal size (the slow link carries a quarter of the bytes, at fp8's
-accuracy, which needs no error feedback) and ``none`` on one node, where links are
-fast enough that coding costs more than it saves.
+the compressor (or none) that is fastest here for a bucket of DDP's default size
+(25 MiB) among those whose relative error per all-reduce is at most ``max_error``
+(:meth:`fmcomm.Communicator.compression_for`: the tuning table's measurements from
+``fmcomm tune``, else the cost model on a machine file's figures, else none), and,
+unless ``compress_min_bytes`` is given, compressing from the smallest measured size
+where that compressor was the fastest.
 
 .. warning::
    fmcomm's traffic runs on a process group of its own (the same ranks as the
@@ -66,6 +68,12 @@ AUTO = "auto"
 # 4 MiB 39.9 against 16.2 ms. Their own communicator has its own worker, so DDP's
 # small first bucket no longer holds the big ones up behind it.
 DEFAULT_COMPRESS_MIN_BYTES = 2 << 20
+# compress="auto" chooses for buckets of DDP's default size (bucket_cap_mb=25) and,
+# unless told otherwise, allows a relative error per all-reduce of fp8's order (3.5e-2
+# measured here, fmcomm/tuning/default_table.json), not 1-bit's or top-k's (0.7-1.0,
+# which only error feedback over many steps makes up for).
+AUTO_BUCKET_BYTES = 25 << 20
+DEFAULT_MAX_ERROR = 0.05
 # Version of HookState.state_dict()'s layout; a newer one is refused.
 STATE_FORMAT = 2
 
@@ -105,9 +113,18 @@ class HookState:
     """
 
     def __init__(self, process_group=None, compress: str = "none", start_iter: int = 10, *,
-                 error_feedback: "ErrorFeedback | None" = None, compress_min_bytes: int = DEFAULT_COMPRESS_MIN_BYTES):
+                 error_feedback: "ErrorFeedback | None" = None, compress_min_bytes: int | None = None,
+                 max_error: float = DEFAULT_MAX_ERROR):
+        # None: the default, or for compress="auto" the table's measured size where it has one.
+        self._min_bytes_given = compress_min_bytes is not None
+        if compress_min_bytes is None:
+            compress_min_bytes = DEFAULT_COMPRESS_MIN_BYTES
         if isinstance(compress_min_bytes, bool) or not isinstance(compress_min_bytes, int) or compress_min_bytes < 0:
             raise InvalidArgument(f"compress_min_bytes must be an integer >= 0, got {compress_min_bytes!r}")
+        if isinstance(max_error, bool) or not isinstance(max_error, (int, float)) or not max_error > 0:
+            raise InvalidArgument(f"max_error must be a relative error > 0, got {max_error!r}")
+        self.max_error = float(max_error)
+        self.auto_spec = self.auto_reason = ""  # what compress="auto" chose, and why
         if isinstance(start_iter, bool) or not isinstance(start_iter, int) or start_iter < 0:
             raise InvalidArgument(f"start_iter must be an integer >= 0, got {start_iter!r}")
         if not isinstance(compress, str):
@@ -157,12 +174,13 @@ class HookState:
     # ------------------------------------------------------------- pickling
     def __getstate__(self) -> dict[str, Any]:
         keep = ("process_group", "compress", "start_iter", "compress_min_bytes", "step", "group_buckets",
-                "error_feedback", "_layouts", "_last_step", "_numels")
+                "error_feedback", "_layouts", "_last_step", "_numels", "max_error", "_min_bytes_given", "auto_spec", "auto_reason")
         d = {k: self.__dict__[k] for k in keep}
         d["process_group"] = None  # a process group does not pickle; the unpickled state uses the default group
         return d
 
     def __setstate__(self, d: dict[str, Any]) -> None:
+        d = {"max_error": DEFAULT_MAX_ERROR, "_min_bytes_given": True, "auto_spec": "", "auto_reason": "", **d}
         self.__dict__.update(d)
         self._reset_process_local()
 
@@ -230,8 +248,9 @@ class HookState:
         The setting, then one line per bucket of the first compressing step (or of
         the last step, before compression starts): its size and how it travels.
         """
-        spec = self._spec.text if self._spec is not None else self.compress
-        head = (f"fmcomm.ddp: compress={self.compress!r}" + (f" (resolved: {spec})" if self.compress == AUTO else "")
+        auto = (f" (resolved: {self.auto_spec}; {self.auto_reason}; max_error {self.max_error:g})" if self.auto_spec
+                else f" (not resolved yet; max_error {self.max_error:g})")
+        head = (f"fmcomm.ddp: compress={self.compress!r}" + (auto if self.compress == AUTO else "")
                 + f", start_iter={self.start_iter}, compress_min_bytes={self.compress_min_bytes}, step {self.step}")
         routes = self._route_text or self._warm_up_text
         return head + ("\n" + routes if routes else "\n(no backward pass seen yet)")
@@ -268,7 +287,11 @@ class HookState:
         if self._spec is None:
             text = self.compress
             if text == AUTO:
-                text = "fp8@inter" if self.communicator().levels() is not None else "none"
+                choice = self.communicator().compression_for(AUTO_BUCKET_BYTES, self.max_error)
+                text = self.auto_spec = choice.spec
+                self.auto_reason = choice.reason
+                if choice.min_bytes and not self._min_bytes_given:
+                    self.compress_min_bytes = choice.min_bytes
             self._spec = compression.parse(text)
         return self._spec
 
@@ -672,7 +695,8 @@ def _agree(comm, agree: tuple) -> None:
 
 
 def register(ddp_model, compress: str = "none", start_iter: int = 10, process_group=None, *,
-             compress_min_bytes: int = DEFAULT_COMPRESS_MIN_BYTES, state: "HookState | None" = None) -> HookState:
+             compress_min_bytes: int | None = None, max_error: float = DEFAULT_MAX_ERROR,
+             state: "HookState | None" = None) -> HookState:
     """Register fmcomm's hook on ``ddp_model`` and return its state.
 
     ``state``: a state to go on with (unpickled, say) instead of a new one; the other
@@ -684,7 +708,8 @@ def register(ddp_model, compress: str = "none", start_iter: int = 10, process_gr
                               f"{type(ddp_model).__name__}")
     group = process_group if process_group is not None else getattr(ddp_model, "process_group", None)
     if state is None:
-        state = HookState(group, compress=compress, start_iter=start_iter, compress_min_bytes=compress_min_bytes)
+        state = HookState(group, compress=compress, start_iter=start_iter, compress_min_bytes=compress_min_bytes,
+                          max_error=max_error)
     elif not isinstance(state, HookState):
         raise InvalidArgument(f"fmcomm.ddp.register: state must be a HookState, got {type(state).__name__}")
     else:

@@ -76,3 +76,11 @@ class MachineFileError(TopologyError, ValueError):
     def __init__(self, path: str, problem: str):
         super().__init__(f"machine file {path}: {problem}")
         self.path, self.problem = path, problem
+
+
+class TuningFileError(FmcommError, ValueError):
+    """A tuning table (``fmcomm tune``, ``FMCOMM_TUNING_FILE``) cannot be used; names the file and why."""
+
+    def __init__(self, path: str, problem: str):
+        super().__init__(f"tuning table {path}: {problem}")
+        self.path, self.problem = path, problem

@@ -16,7 +16,7 @@ Terms used throughout fmcomm:
 
 An algorithm is a pure function returning a :class:`RankSchedule` for one rank; it
 never does I/O. The same schedule is validated (:func:`validate`), simulated
-(``fmcomm.simulator``), executed (``fmcomm.executor``) and, later, priced.
+(``fmcomm.simulator``), executed (``fmcomm.runtime.executor``) and, later, priced.
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ A schedule function is ``fn(rank, world, **params) -> RankSchedule`` (params: ``
 and ``root``, ``counts`` or ``node_of`` where the collective or algorithm needs them)
 and never does I/O.
 ``native`` (the engine's own collective) is not a schedule and is listed in
-:data:`NATIVE`; ``auto`` is resolved by the selector in ``fmcomm.select``.
+:data:`NATIVE`; ``auto`` is resolved by the selector in ``fmcomm.tuning.select``.
 """
 from __future__ import annotations
 

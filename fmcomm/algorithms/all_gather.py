@@ -37,7 +37,7 @@ recursive_doubling(rank, world, count)
 from __future__ import annotations
 
 from ..schedule import Range, RankSchedule, RoundBuilder
-from .hierarchical import group_by_node
+from ..topology.model import group_by_node
 
 
 def _own_block(b: RoundBuilder, count: int) -> None:

@@ -24,14 +24,7 @@ the cross-node ring), then copied, so every rank ends with identical bytes.
 from __future__ import annotations
 
 from ..schedule import Range, RankSchedule, RoundBuilder, chunk_bounds
-
-
-def group_by_node(node_of: tuple[int, ...]) -> list[list[int]]:
-    """The ranks of each node, nodes in order of their index, ranks in rank order."""
-    nodes: dict[int, list[int]] = {}
-    for r, n in enumerate(node_of):
-        nodes.setdefault(n, []).append(r)
-    return [nodes[k] for k in sorted(nodes)]
+from ..topology.model import group_by_node
 
 
 def all_reduce(rank: int, world: int, count: int, node_of: tuple[int, ...] | None = None) -> RankSchedule:

@@ -20,6 +20,8 @@ flows.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 from typing import Any, Optional
 
@@ -144,6 +146,18 @@ class Topology:
 
     def local_rank(self, rank: int) -> int:
         return self.ranks_on(self.node_of[rank]).index(rank)
+
+    def fingerprint(self) -> str:
+        """A short name for this machine's shape, keying tuning tables: the ranks on each
+        node and what each node has (CPUs, sockets, NICs and their speeds, GPUs and the
+        links between them), not hostnames, so the same cluster gives the same
+        fingerprint from one job to the next."""
+        nodes = [len(self.ranks_on(n)) for n in sorted(set(self.node_of))]
+        facts = [(f.sockets, f.numa_nodes, f.cpus, sorted((x.speed_mbps for x in f.nics)),
+                  [(g.name, g.memory_mib) for g in f.gpus], [list(r) for r in f.gpu_paths])
+                 for f in self.node_facts]
+        text = json.dumps({"ranks_per_node": nodes, "node_facts": facts}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def groups(self) -> list[list[int]]:
         """The ranks of each node, nodes in order of their index, ranks in rank order."""

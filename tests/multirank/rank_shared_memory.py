@@ -38,7 +38,7 @@ split_into_nodes(2)
 
 import fmcomm  # noqa: E402
 from fmcomm import compression  # noqa: E402
-from fmcomm.algorithms.hierarchical import group_by_node  # noqa: E402
+from fmcomm.topology import group_by_node  # noqa: E402
 from fmcomm.errors import FmcommError, MismatchError  # noqa: E402
 from fmcomm.transport import shared_memory  # noqa: E402
 from fmcomm.transport.shared_memory import NodeSharedMemory, SharedMemoryCache  # noqa: E402

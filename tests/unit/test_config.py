@@ -16,10 +16,10 @@ EXPECTED_DEFAULTS = {
     "native": "auto",
     "check": True,
     "node_id": "",
-    "auto_ring_min_bytes": 1 << 20,
     "nan": "propagate",
     "shm": "auto",
     "topo_file": "",
+    "tuning_file": "",
 }
 
 
@@ -76,8 +76,8 @@ def test_transport_from_env(raw):
 
 def test_several_variables_at_once():
     cfg = Config.from_env({"FMCOMM_ALGO": "ring", "FMCOMM_TIMEOUT": "5", "FMCOMM_NATIVE": "off",
-                           "FMCOMM_AUTO_RING_MIN_BYTES": "0", "HOME": "/root"})
-    assert (cfg.algo, cfg.timeout, cfg.native, cfg.auto_ring_min_bytes) == ("ring", 5.0, "off", 0)
+                           "FMCOMM_TUNING_FILE": "/tmp/t.json", "HOME": "/root"})
+    assert (cfg.algo, cfg.timeout, cfg.native, cfg.tuning_file) == ("ring", 5.0, "off", "/tmp/t.json")
     assert cfg.segment_bytes == Config().segment_bytes
 
 
@@ -107,7 +107,7 @@ def test_config_error_is_also_a_value_error():
     ("FMCOMM_SEGMENT_BYTES", "0"),
     ("FMCOMM_SEGMENT_BYTES", "1.5M"),
     ("FMCOMM_SEGMENT_BYTES", "-4K"),
-    ("FMCOMM_AUTO_RING_MIN_BYTES", "lots"),
+    ("FMCOMM_SEGMENT_BYTES", "lots"),
 ])
 def test_bad_value_is_an_error_naming_the_variable(name, raw):
     with pytest.raises(fmcomm.ConfigError, match=name + "="):
@@ -176,7 +176,7 @@ def test_markdown_table_lists_every_option_env_name_and_default():
     assert len(lines) == 2 + len(OPTIONS)
     for opt, line in zip(OPTIONS, lines[2:]):
         assert f"`{opt.name}`" in line and f"`{opt.env}`" in line
-    assert table.count("`1M`") == 2  # both byte defaults (segment_bytes, auto_ring_min_bytes) shown with a suffix
+    assert table.count("`1M`") == 1  # the byte default (segment_bytes) shown with a suffix
 
 
 @pytest.mark.parametrize("raw", ["all_reduce:ring", "all_reduce:ring;broadcast:chain", "all_reduce:tree;"])
@@ -191,7 +191,7 @@ def test_algo_per_collective_bad_shapes(raw):
 
 
 def test_configured_algorithm_per_collective():
-    from fmcomm.select import configured
+    from fmcomm.tuning.select import configured
     assert configured("all_reduce", "all_reduce:ring;broadcast:chain") == "ring"
     assert configured("broadcast", "all_reduce:ring;broadcast:chain") == "chain"
     assert configured("all_gather", "all_reduce:ring;broadcast:chain") == "auto"

@@ -1,4 +1,4 @@
-"""The cost model against the closed α–β forms (README's cost table, the algorithm
+"""The cost model against the closed α–β forms (docs/algorithms.md's cost table, the algorithm
 modules' docstrings): where the form is exact for the schedule, the model must agree
 to floating-point rounding (rel 1e-12), since both add the same terms."""
 from __future__ import annotations
@@ -75,7 +75,7 @@ def test_ring_reduce_scatter_and_all_gather(p):
 @pytest.mark.parametrize("nodes, per", [(2, 2), (4, 2), (3, 4), (8, 8)])
 @pytest.mark.parametrize("shared", [False, True])
 def test_hierarchical_all_reduce_with_and_without_a_shared_nic(nodes, per, shared):
-    """README: 2(L-1)α_i + 2((L-1)/L)nβ_i + 2(N-1)α_e + 2((N-1)/N)(n/L)β_e + reductions.
+    """docs/algorithms.md: 2(L-1)α_i + 2((L-1)/L)nβ_i + 2(N-1)α_e + 2((N-1)/N)(n/L)β_e + reductions.
     With one NIC per node (node bandwidth = one port's), the L lanes cross it together:
     the inter term's n/L becomes n."""
     n = nodes * per * 64 * ITEM
@@ -177,7 +177,7 @@ def test_missing_figures_are_named():
 
 @pytest.mark.parametrize("p", [2, 4, 8, 16])
 def test_rooted_and_barrier_forms(p):
-    """README: broadcast binomial ⌈lg p⌉(α + nβ) (plus the root's copy into its output, a
+    """docs/algorithms.md: broadcast binomial ⌈lg p⌉(α + nβ) (plus the root's copy into its output, a
     round of its own); reduce binomial ⌈lg p⌉(α + nβ + nγ); barrier dissemination ⌈lg p⌉α
     (each message one element of scratch)."""
     lg = math.ceil(math.log2(p))
@@ -189,7 +189,7 @@ def test_rooted_and_barrier_forms(p):
 
 @pytest.mark.parametrize("p", [3, 5, 8])
 def test_chain_broadcast_form(p):
-    """README: (C + p − 2)(α + (n/C)β), C the pipeline's piece count."""
+    """docs/algorithms.md: (C + p − 2)(α + (n/C)β), C the pipeline's piece count."""
     from fmcomm.algorithms.broadcast import default_chunks
     count = 60 << 12  # divisible by the piece count chosen at p = 3, 5, 8 (2, 3, 5)
     c = default_chunks(p, count)
@@ -200,7 +200,7 @@ def test_chain_broadcast_form(p):
 
 @pytest.mark.parametrize("p", [2, 4, 8])
 def test_recursive_doubling_all_gather_form(p):
-    """README: ⌈lg p⌉α + ((p−1)/p)nβ, plus the first round's copy of the rank's own block."""
+    """docs/algorithms.md: ⌈lg p⌉α + ((p−1)/p)nβ, plus the first round's copy of the rank's own block."""
     n = p * 512 * ITEM
     lg = int(math.log2(p))
     # round k moves 2^k blocks of n/p: the β term sums to (p-1)/p · n

@@ -3,6 +3,8 @@ import inspect
 import os
 
 import numpy as np
+import re
+
 import pytest
 import torch
 
@@ -24,7 +26,7 @@ def error_classes():
 def test_the_package_exports_every_error_class():
     exported = {getattr(fmcomm, n) for n in fmcomm.__all__}
     assert set(error_classes()) <= exported
-    assert len(error_classes()) == 13
+    assert len(error_classes()) == 14
 
 
 @pytest.mark.parametrize("cls", error_classes(), ids=lambda c: c.__name__)
@@ -284,3 +286,21 @@ def test_one_key_under_two_compressors_keeps_two_sets_of_residuals(comm):
     saved = state.state_dict()
     assert set(saved) == {f"grad/{c}@all/{role}" for c in ("onebit", "topk:0.25") for role in ("worker", "server")}
     assert torch.equal(saved["grad/onebit@all/worker"], onebit_residual)  # top-k did not touch it
+
+
+@pytest.mark.parametrize("kwargs,problem", [
+    ({"compress": "auto"}, "compress='auto' needs max_error"),
+    ({"compress": "auto", "max_error": 0}, "compress='auto' needs max_error"),
+    ({"compress": "auto", "max_error": True}, "compress='auto' needs max_error"),
+    ({"compress": "fp8", "max_error": 0.1}, "max_error applies to compress='auto' only"),
+    ({"max_error": 0.1}, "max_error applies to compress='auto' only"),
+])
+def test_compress_auto_needs_a_budget(comm, kwargs, problem):
+    with pytest.raises(fmcomm.InvalidArgument, match=re.escape(problem)):
+        comm.all_reduce(torch.ones(4), **kwargs)
+
+
+def test_compress_auto_within_budget_on_one_rank_runs_uncompressed(comm):
+    t = torch.arange(4.0)
+    comm.all_reduce(t, compress="auto", max_error=0.05)  # no table, no figures: none
+    assert torch.equal(t, torch.arange(4.0)) and comm.compression_for(16, 0.05).spec == "none"

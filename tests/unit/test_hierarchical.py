@@ -8,7 +8,7 @@ import pytest
 from fmcomm import schedule
 from fmcomm.algorithms import all_gather, hierarchical, ring
 from fmcomm.dtypes import DTYPES
-from fmcomm.executor import compile_rounds
+from fmcomm.runtime.executor import compile_rounds
 from fmcomm.simulator import simulate
 
 LAYOUTS = [(0,), (0, 0), (0, 1), (0, 0, 1, 1), (0, 0, 0, 1, 1), (0, 1, 1, 1), (0, 0, 1, 1, 2, 2), (0, 1, 0, 1),

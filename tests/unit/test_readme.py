@@ -1,4 +1,6 @@
-"""The README is the contract for the two commands and the option table."""
+"""The README is the contract for the two commands; docs/configuration.md for the option
+table; every page the README links to exists."""
+import re
 from pathlib import Path
 
 from fmcomm.config import OPTIONS, markdown_table
@@ -25,7 +27,14 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_option_table_is_current():
-    readme = (ROOT / "README.md").read_text()
-    assert markdown_table() in readme, "regenerate the table with: python -m fmcomm.config"
+    page = (ROOT / "docs" / "configuration.md").read_text()
+    assert markdown_table() in page, "regenerate the table with: python -m fmcomm.config"
     for opt in OPTIONS:
-        assert opt.env in readme
+        assert opt.env in page
+
+
+def test_every_linked_page_exists():
+    readme = (ROOT / "README.md").read_text()
+    links = re.findall(r"\]\((docs/[^)#]+)", readme)
+    assert links, "the README links to its docs/ pages"
+    assert [p for p in links if not (ROOT / p).exists()] == []

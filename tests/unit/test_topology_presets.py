@@ -65,3 +65,4 @@ def test_presets_ship_with_the_package(tmp_path):
                    capture_output=True)
     shipped = {p.stem for p in (tmp_path / "fmcomm" / "_presets").glob("*.json")}
     assert shipped == set(presets.names())
+    assert (tmp_path / "fmcomm" / "tuning" / "default_table.json").exists()  # the rules auto follows

@@ -29,11 +29,11 @@ import zlib
 import numpy as np
 import torch
 
-from .dtypes import BY_CODE, DTYPES, REDOPS, DType
-from .errors import CollectiveError, CommTimeoutError, MismatchError, TransportError
-from .kernels import Reducer, finish_avg
-from .schedule import Copy, Range, RankSchedule, Recv, Reduce, Send
-from .transport.base import Transport
+from ..dtypes import BY_CODE, DTYPES, REDOPS, DType
+from ..errors import CollectiveError, CommTimeoutError, MismatchError, TransportError
+from ..kernels import Reducer, finish_avg
+from ..schedule import Copy, Range, RankSchedule, Recv, Reduce, Send
+from ..transport.base import Transport
 
 COLLECTIVE_CODES = {"all_reduce": 1, "reduce_scatter": 2, "all_gather": 3, "broadcast": 4,
                     "reduce": 5, "all_to_all": 6, "barrier": 7}
@@ -80,7 +80,7 @@ _ALGO_NAMES: dict[int, str] = {}
 @functools.lru_cache(maxsize=1)
 def _known_algorithms() -> None:
     """Fill _ALGO_NAMES with every name a rank may use by default (once per process)."""
-    from . import algorithms, compression
+    from .. import algorithms, compression
     for _, name in algorithms.REGISTRY:
         algo_code(name)
     algo_code(algorithms.NATIVE)
