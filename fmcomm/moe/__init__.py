@@ -207,20 +207,22 @@ def dispatch(tokens: torch.Tensor, expert_indices: torch.Tensor, num_experts: in
     handle = MoEHandle(layout, comm, [], chosen, compress, weights)
 
     def move() -> torch.Tensor:
-        rows = tokens.detach()[layout.token_of_row]
         if compress == "fp8":
-            rows = fp8_rows.encode(rows)
+            source = fp8_rows.encode(tokens.detach()[layout.token_of_row])
+            row_index = torch.arange(source.shape[0])
+        else:
+            source, row_index = tokens.detach(), layout.token_of_row
         # This run carries the heads: its route moves each block with its head rows.
-        n_head = heads.head_rows(layout.experts_per_rank, rows.new_empty(rows.shape[1:]))
+        n_head = heads.head_rows(layout.experts_per_rank, source.new_empty(source.shape[1:]))
         with_heads = [[n + n_head for n in row] for row in layout.rows_matrix]
         arrived = route.run(route.to_sources(comm, with_heads, chosen, levels),
-                            heads.with_heads(rows, layout.sent_per_expert, layout.sent_rows))
-        arrived, layout.received_per_expert = heads.read_heads(arrived, layout.received_rows,
+                            heads.with_heads(source, row_index, layout.sent_per_expert, layout.sent_rows))
+        rows_at, layout.received_per_expert = heads.read_heads(arrived, layout.received_rows,
                                                                layout.experts_per_rank, layout.rank)
         layout.tokens_per_expert = layout.received_per_expert.sum(0).tolist()
         by_expert = route.expert_grouping(layout.received_per_expert)
         handle.steps = route.to_sources(comm, layout.rows_matrix, chosen, levels) + [by_expert]
-        arrived = arrived[by_expert.index]
+        arrived = arrived[rows_at[by_expert.index]]  # drop the heads and group by expert in one copy
         if compress == "fp8":
             return fp8_rows.decode(arrived, layout.hidden, layout.dtype)
         return arrived

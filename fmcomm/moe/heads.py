@@ -19,23 +19,31 @@ def head_rows(experts_per_rank: int, row: torch.Tensor) -> int:
     return -(-4 * experts_per_rank // row_bytes)
 
 
-def with_heads(rows: torch.Tensor, sent_per_expert: torch.Tensor, sent_rows: list[int]) -> torch.Tensor:
-    """``rows`` (sorted by destination) with each destination's block preceded by its head."""
+def with_heads(source: torch.Tensor, row_index: torch.Tensor, sent_per_expert: torch.Tensor,
+               sent_rows: list[int]) -> torch.Tensor:
+    """The message: for each destination its head, then its rows ``source[row_index[...]]``.
+
+    The rows are gathered straight into their place (one copy of the tokens, as the
+    send buffer of any all-to-all needs)."""
     world, local = sent_per_expert.shape
-    width = rows.shape[1:]
-    n_head = head_rows(local, rows.new_empty(width))
-    head_bytes = torch.zeros(world, n_head * math.prod(width) * rows.element_size(), dtype=torch.uint8)
+    width = source.shape[1:]
+    n_head = head_rows(local, source.new_empty(width))
+    head_bytes = torch.zeros(world, n_head * math.prod(width) * source.element_size(), dtype=torch.uint8)
     head_bytes[:, :4 * local] = sent_per_expert.to(torch.int32).contiguous().view(torch.uint8).view(world, 4 * local)
-    heads = head_bytes.view(rows.dtype).view(world, n_head, *width)
-    parts, at = [], 0
+    heads = head_bytes.view(source.dtype).view(world, n_head, *width)
+    message = source.new_empty((world * n_head + sum(sent_rows),) + tuple(width))
+    at, taken = 0, 0
     for d in range(world):
-        parts += [heads[d], rows[at:at + sent_rows[d]]]
+        message[at:at + n_head] = heads[d]
+        at += n_head
+        torch.index_select(source, 0, row_index[taken:taken + sent_rows[d]], out=message[at:at + sent_rows[d]])
         at += sent_rows[d]
-    return torch.cat(parts)
+        taken += sent_rows[d]
+    return message
 
 
 def read_heads(arrived: torch.Tensor, received_rows: list[int], local: int, rank: int):
-    """(rows without their heads, [sources, local] counts) from blocks grouped by source rank.
+    """(positions of the rows that are not heads, [sources, local] counts) from blocks grouped by source rank.
 
     The counts come from peers: they must add up to what the agreement said each
     source sends here, or nothing is taken from them."""
@@ -53,4 +61,4 @@ def read_heads(arrived: torch.Tensor, received_rows: list[int], local: int, rank
         counts.append(c)
         keep.append(torch.arange(at + n_head, at + n_head + received_rows[s]))
         at += n_head + received_rows[s]
-    return arrived[torch.cat(keep)], torch.stack(counts)
+    return torch.cat(keep), torch.stack(counts)

@@ -27,7 +27,7 @@ import torch
 
 from ..dtypes import DTYPES
 from ..errors import InvalidArgument, MismatchError
-from ..executor import arguments_agreed
+from ..runtime.executor import arguments_agreed
 
 ALGORITHMS = ("auto", "direct", "hierarchical")
 COMPRESSIONS = (None, "fp8")

@@ -37,7 +37,7 @@ import torch
 
 from ..algorithms.hierarchical import group_by_node
 from ..dtypes import dtype_of
-from ..executor import arguments_agreed
+from ..runtime.executor import arguments_agreed
 
 
 @dataclasses.dataclass
