@@ -135,17 +135,16 @@ class _Dispatch(torch.autograd.Function):
         layout = ctx.handle.layout
         grad_rows = route.run(ctx.handle.steps, grad_expert_tokens.contiguous(), backward=True)
         # Each token's K copies came from one row each: their gradients add up, per slot then per token.
-        return _sum_over_slots(grad_rows, layout, None), None, None
+        return _weighted_sum(_to_slots(grad_rows, layout), None), None, None
 
 
 class _Combine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, expert_outputs, weights, handle, moved):
-        layout = handle.layout
-        slots = _to_slots(moved.rows, layout)
+        slots = _to_slots(moved.rows, handle.layout)
         ctx.handle = handle
         ctx.save_for_backward(slots, weights)
-        return _sum_over_slots(moved.rows, layout, weights)
+        return _weighted_sum(slots, weights)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -169,9 +168,8 @@ def _to_slots(rows: torch.Tensor, layout: Layout) -> torch.Tensor:
     return slots.view(layout.num_tokens, layout.top_k, *rows.shape[1:])
 
 
-def _sum_over_slots(rows: torch.Tensor, layout: Layout, weights) -> torch.Tensor:
-    """Σ_k (weights[t, k] ·) rows of slot (t, k), in k order (the same sum on every run)."""
-    slots = _to_slots(rows, layout)
+def _weighted_sum(slots: torch.Tensor, weights) -> torch.Tensor:
+    """Σ_k (weights[t, k] ·) slots[t, k], in k order (the same sum on every run)."""
     if weights is not None:
         slots = slots * weights.to(slots.dtype).unsqueeze(-1)
     return slots.sum(1)
