@@ -9,7 +9,8 @@ gloo ``all_to_all_single``), regroup them by local expert, and back, then sum ea
 token's K results. Timing follows the harness: every rank between barriers, the median
 over iterations of the slowest rank, implementations on one engine interleaved.
 
-Columns: bytes = T·K·H·4, what one dispatch carries per rank at float32 (fp8 rows carry
+Columns: time of dispatch + combine and, separately, of the dispatch alone (the same
+iterations, each a median of the slowest rank); bytes = T·K·H·4, what one dispatch carries per rank at float32 (fp8 rows carry
 about a quarter: its ``wire`` column); algbw = 2·bytes / time (dispatch and combine);
 #wrong = values of the combined result that differ from K·x (fp8 rows: the largest
 error relative to the stated bound, ≤ 1 is within it).
@@ -75,6 +76,7 @@ def torch_peer(world: int, num_experts: int, k: int):
     local = num_experts // world
 
     def run(x, idx):
+        t0 = time.perf_counter()
         order, per_expert = _local_layout(idx, num_experts, world)
         received = torch.empty_like(per_expert)
         dist.all_to_all_single(received, per_expert)
@@ -85,11 +87,12 @@ def torch_peer(world: int, num_experts: int, k: int):
         dist.all_to_all_single(arrived, rows, recv, send)
         regroup = _regroup_index(received, world, local)
         expert_rows = arrived[regroup]
+        dispatched = time.perf_counter() - t0
         outputs = torch.empty_like(expert_rows)
         outputs[regroup] = expert_rows  # identity experts, back to source order
         back = rows.new_empty(rows.shape)
         dist.all_to_all_single(back, outputs, send, recv)
-        return _finish(back, order, x.shape[0], k)
+        return _finish(back, order, x.shape[0], k), dispatched
     return run
 
 
@@ -98,6 +101,7 @@ def mpi_peer(ctl: Control, world: int, num_experts: int, k: int):
     local = num_experts // world
 
     def run(x, idx):
+        t0 = time.perf_counter()
         order, per_expert = _local_layout(idx, num_experts, world)
         counts = per_expert.numpy()
         received_np = np.empty_like(counts)
@@ -111,19 +115,22 @@ def mpi_peer(ctl: Control, world: int, num_experts: int, k: int):
         ctl.comm.Alltoallv([rows.numpy(), (send, None), MPI.FLOAT], [arrived.numpy(), (recv, None), MPI.FLOAT])
         regroup = _regroup_index(received, world, local)
         expert_rows = arrived[regroup]
+        dispatched = time.perf_counter() - t0
         outputs = torch.empty_like(expert_rows)
         outputs[regroup] = expert_rows
         back = rows.new_empty(rows.shape)
         ctl.comm.Alltoallv([outputs.numpy(), (recv, None), MPI.FLOAT], [back.numpy(), (send, None), MPI.FLOAT])
-        return _finish(back, order, x.shape[0], k)
+        return _finish(back, order, x.shape[0], k), dispatched
     return run
 
 
 def fmcomm_run(comm, num_experts: int, algo: str, compress):
     def run(x, idx):
+        t0 = time.perf_counter()
         expert_tokens, handle = moe.dispatch(x, idx, num_experts, group=comm, algo=algo, compress=compress)
+        dispatched = time.perf_counter() - t0
         run.route = handle.algo
-        return moe.combine(expert_tokens, handle)
+        return moe.combine(expert_tokens, handle), dispatched
     run.route = algo
     return run
 
@@ -158,9 +165,10 @@ def run_moe_bench(a: MoEBenchArgs, out=sys.stdout) -> list[dict]:
               f"nodes), K {a.top_k}, {num_experts} experts, float32, iters {a.iters}, warmup {a.warmup}, "
               f"fmcomm transport {a.transport}", file=out)
         print("# one iteration = dispatch + combine (identity experts); time: median over iterations of the "
-              "slowest rank; bytes = T*K*H*4 per rank per dispatch; algbw = 2*bytes/time", file=out)
+              "slowest rank (dispatch: its first half, to the tokens grouped by expert); bytes = T*K*H*4 per rank per "
+              "dispatch; algbw = 2*bytes/time", file=out)
         print(f"#{'impl':>7} {'algo':>26} {'tokens':>7} {'hidden':>6} {'bytes':>11} {'wire':>11} {'time(us)':>11} "
-              f"{'algbw':>7} {'#wrong':>8}", file=out)
+              f"{'algbw':>7} {'dispatch(us)':>12} {'#wrong':>8}", file=out)
         out.flush()
     rows = []
     for hidden in a.hidden:
@@ -170,19 +178,20 @@ def run_moe_bench(a: MoEBenchArgs, out=sys.stdout) -> list[dict]:
             x = torch.randint(-8, 8, (tokens, hidden), generator=g).to(torch.float32)
             idx = routing(ctl.rank, tokens, a.top_k, num_experts)
             results = _measure(ctl, impls, x, idx, a)
-            for (impl, name, _, run, compress), (t, wrong) in zip(impls, results):
+            for (impl, name, _, run, compress), (t, t_dispatch, wrong) in zip(impls, results):
                 nbytes = tokens * a.top_k * hidden * 4
                 wire = tokens * a.top_k * 4 * fp8_rows.words_per_row(hidden) if compress else nbytes
                 algo = name if impl != "fmcomm" else f"{name}({run.route})" if run.route != name.split("+")[0] else name
                 row = {"collective": "moe", "impl": impl, "algo": algo, "tokens": tokens, "hidden": hidden,
                        "top_k": a.top_k, "experts": num_experts, "world": world, "bytes": nbytes,
-                       "wire_bytes": wire, "time_us": t, "algbw_GBps": 2 * nbytes / (t * 1e-6) / 1e9,
+                       "wire_bytes": wire, "time_us": t, "dispatch_us": t_dispatch,
+                       "algbw_GBps": 2 * nbytes / (t * 1e-6) / 1e9,
                        "wrong": wrong, "transport": a.transport if impl == "fmcomm" else impl}
                 rows.append(row)
                 if ctl.rank == 0:
                     shown = f"{wrong:.2f}" if isinstance(wrong, float) else str(wrong)
                     print(f" {impl:>7} {algo:>26} {tokens:>7} {hidden:>6} {nbytes:>11} {wire:>11} {t:>11.1f} "
-                          f"{row['algbw_GBps']:>7.3f} {shown:>8}", file=out)
+                          f"{row['algbw_GBps']:>7.3f} {t_dispatch:>12.1f} {shown:>8}", file=out)
                     out.flush()
                     if a.json_path:
                         with open(a.json_path, "a") as f:
@@ -203,8 +212,10 @@ def _judge(result: torch.Tensor, x: torch.Tensor, k: int, compress) -> float | i
 
 
 def _measure(ctl: Control, impls, x, idx, a: MoEBenchArgs):
-    """(median slowest-rank time in us, #wrong) per implementation; engines one after another."""
+    """(median slowest-rank time of dispatch+combine and of the dispatch alone in us, #wrong) per
+    implementation; engines one after another."""
     times = {i: [] for i in range(len(impls))}
+    dispatch_times = {i: [] for i in range(len(impls))}
     wrong = {}
     for engine in sorted({e for _, _, e, _, _ in impls}):
         mine = [i for i, imp in enumerate(impls) if imp[2] == engine]
@@ -213,10 +224,11 @@ def _measure(ctl: Control, impls, x, idx, a: MoEBenchArgs):
                 run = impls[i][3]
                 ctl.barrier()
                 t0 = time.perf_counter()
-                result = run(x, idx)
+                result, dispatched = run(x, idx)
                 dt = time.perf_counter() - t0
                 if it >= a.warmup:
                     times[i].append(dt)
+                    dispatch_times[i].append(dispatched)
                 if it == a.warmup + a.iters - 1:
                     wrong[i] = _judge(result, x, a.top_k, impls[i][4])
     results = []
@@ -224,5 +236,5 @@ def _measure(ctl: Control, impls, x, idx, a: MoEBenchArgs):
         slow = ctl.slowest(times[i])
         w = wrong[i]
         w = ctl.maximum(w) if isinstance(w, float) else ctl.total(w)
-        results.append((statistics.median(slow) * 1e6, w))
+        results.append((statistics.median(slow) * 1e6, statistics.median(ctl.slowest(dispatch_times[i])) * 1e6, w))
     return results
