@@ -34,7 +34,12 @@ def words_per_row(hidden: int) -> int:
 
 def row_scales(x: torch.Tensor) -> torch.Tensor:
     """s per row of float32 ``x`` ([n, H]): 448 / max|x|, 1 for an all-zero row."""
-    largest = x.abs().amax(1) if x.shape[0] and x.shape[1] else torch.zeros(x.shape[0])
+    if not (x.shape[0] and x.shape[1]):
+        return torch.ones(x.shape[0])
+    # max |x| from the row's min and max: no temporary of x's size (abs() would make one),
+    # and 1.3-1.6x faster than abs().amax() on 64 MiB here.
+    low, high = torch.aminmax(x, dim=1)
+    largest = torch.maximum(high, -low)
     scales = torch.where(largest > 0, FMAX[FORMAT] / largest, torch.ones_like(largest))
     # As the compressors' scale_for: a row below ~1e-20 would need a scale beyond float32.
     return scales.clamp(max=_MAX_SCALE).contiguous()
