@@ -89,7 +89,8 @@ def select_algorithm(comm, layout: Layout, requested: str, row_bytes: int) -> st
     ``hierarchical`` needs nodes of equal size (``comm.levels()``); where they do not
     exist it is ``direct``. ``auto`` takes ``hierarchical`` only where the nodes hold
     two or more ranks each and the mean message per rank pair is at most
-    ``AUTO_RULE["hierarchical_max_bytes_per_pair"]`` (measured; its source is in the file).
+    ``AUTO_RULE["hierarchical_max_bytes_per_pair"]`` (measured; its source is in the
+    file; 0 means never).
     """
     if requested == "direct" or comm.world == 1:
         return "direct"
@@ -99,8 +100,9 @@ def select_algorithm(comm, layout: Layout, requested: str, row_bytes: int) -> st
     if requested == "auto":
         if comm.world // nodes < 2:
             return "direct"
+        limit = AUTO_RULE["hierarchical_max_bytes_per_pair"]  # 0: never
         total_rows = sum(sum(row) for row in layout.rows_matrix)
-        if total_rows * row_bytes / comm.world ** 2 > AUTO_RULE["hierarchical_max_bytes_per_pair"]:
+        if not limit or total_rows * row_bytes / comm.world ** 2 > limit:
             return "direct"
     return "hierarchical" if comm.levels() is not None else "direct"
 

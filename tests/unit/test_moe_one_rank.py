@@ -119,6 +119,8 @@ def fake_comm(node_of, levels=("node", "lane")):
 def test_selection_on_fixture_topologies(monkeypatch):
     rows = types.SimpleNamespace(rows_matrix=[[10] * 4] * 4)
     two_by_two = fake_comm([0, 0, 1, 1])
+    monkeypatch.setitem(moe.AUTO_RULE, "hierarchical_max_bytes_per_pair", 0)  # never, even for nothing to send
+    assert moe.select_algorithm(two_by_two, types.SimpleNamespace(rows_matrix=[[0] * 4] * 4), "auto", 4) == "direct"
     assert moe.select_algorithm(fake_comm([0, 0, 0, 0]), rows, "hierarchical", 4096) == "direct"  # one node
     assert moe.select_algorithm(fake_comm([0, 0, 1], None), rows, "hierarchical", 4096) == "direct"  # unequal
     assert moe.select_algorithm(two_by_two, rows, "hierarchical", 4096) == "hierarchical"
