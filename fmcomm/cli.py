@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--iters", type=int, default=20)
     b.add_argument("--warmup", type=int, default=5)
     b.add_argument("--json", default=None, help="append one JSON object per row to this file")
+    b.add_argument("--plot", default=None, metavar="F.png", help="bus bandwidth against size, one line per "
+                                                                "implementation, peers included (needs matplotlib)")
     b.add_argument("--compress", type=_list, default=("none",),
                    help="all_reduce only: comma list of none, fp16, bf16, fp8, onebit, topk:R (each also NAME@inter), "
                         "each measured in the same run; rows report the relative error instead of #wrong")
@@ -122,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     tu.add_argument("--out", default=None, help="the table's path (default: the per-user cache for this machine's "
                                                "topology fingerprint, which init() reads)")
     tu.add_argument("--show", default=None, metavar="FILE", help="print a tuning table and exit")
+    tu.add_argument("--plot", default=None, metavar="F.png", help="time against size per candidate, the choice "
+                                                                 "marked (with --show: of that table; needs matplotlib)")
     tu.add_argument("--compress", type=_list, default=None,
                     help="compressors measured for compress='auto' (default: fp16, bf16, fp8, onebit, topk:0.01, "
                          "also @inter across nodes; 'none' measures none)")
@@ -198,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                 collective=args.collective, min_bytes=args.minbytes, max_bytes=args.maxbytes,
                 factor=args.stepfactor, dtype=args.dtype, op=args.op, algos=args.algo, peers=args.peer,
                 transport=args.transport, check=args.check, iters=args.iters, warmup=args.warmup,
-                json_path=args.json, compress=args.compress))
+                json_path=args.json, compress=args.compress, plot=args.plot))
             return 0
     except FmcommError as e:
         print(f"fmcomm: {type(e).__name__}: {e}", file=sys.stderr)
@@ -209,7 +213,10 @@ def main(argv: list[str] | None = None) -> int:
 def _tune(args, argv: list[str]) -> int:
     from .tuning import sweep, table
     if args.show:
-        print(sweep.describe(table.load(args.show)))
+        shown = table.load(args.show)
+        print(sweep.describe(shown))
+        if args.plot:
+            sweep.plot(shown, args.plot)
         return 0
     here = launch.detect()
     if args.nranks is not None and here.launcher == "none" and args.nranks > 1:
@@ -219,7 +226,8 @@ def _tune(args, argv: list[str]) -> int:
         return 2
     sweep.run_tune(sweep.TuneArgs(
         collectives=args.collectives or sweep.COLLECTIVES, min_bytes=args.minbytes, max_bytes=args.maxbytes,
-        factor=args.stepfactor, dtype=args.dtype, transport=args.transport, out=args.out, probe=not args.no_probe,
+        factor=args.stepfactor, dtype=args.dtype, transport=args.transport, out=args.out, plot=args.plot,
+        probe=not args.no_probe,
         compress=(() if args.compress == ("none",) else args.compress), compress_from=args.compress_from))
     return 0
 

@@ -18,7 +18,7 @@ import torch
 
 from . import algorithms, topology
 from . import compressed, compression
-from .algorithms import AUTO
+from .algorithms import AUTO, compressed_plan
 from .compression import ErrorFeedback
 from .config import Config
 from .dtypes import DType, dtype_of, redop_code
@@ -227,7 +227,8 @@ class Communicator:
             state, key = ErrorFeedback(), "call"
         elif state is None:
             state = self.error_feedback
-        levels = self.levels() if spec.level == "inter" else None  # a collective: made here, in order
+        layout = compressed_plan.plan(self.topology.node_of, spec.level == "inter", inp.numel())
+        levels = self.levels() if layout.two_level else None  # a collective: made here, in order
 
         def run() -> None:
             # One agreement on the whole call (count, dtype, op, spec); its inner calls
@@ -235,7 +236,7 @@ class Communicator:
             call = Call("all_reduce", f"compressed:{spec.text}", inp.numel(), dtype, op, self.runner.next_seq())
             self.executor.check_native(call)
             with arguments_agreed():
-                compressed.all_reduce(self, inp, out, spec, state, key, op, levels)
+                compressed.all_reduce(self, inp, out, spec, state, key, op, layout, levels)
         return self.runner.submit(run, async_op)
 
     def run_async(self, fn) -> Work:

@@ -1,5 +1,9 @@
 """Compressed all-reduce: a compressor composed with fmcomm's own collectives.
 
+It runs the plan of phases of :mod:`fmcomm.algorithms.compressed_plan` (the one the
+cost model prices): the plan says whether the call runs on one level or two, over
+which groups and in which pieces, and each phase is timed under its name there.
+
 Over the p ranks of one group, with the tensor cut into p chunks (``chunk_bounds``)
 and rank j owning chunk j:
 
@@ -52,11 +56,12 @@ import time
 
 import torch
 
+from .algorithms.compressed_plan import CompressedPlan
 from .compression import CompressionSpec, Compressor, ErrorFeedback
 from .compression.state import Slot
 from .compression.base import round_up
 from .dtypes import DTYPES
-from .errors import NonFiniteError
+from .errors import NonFiniteError, ScheduleError
 from .runtime.executor import arguments_agreed
 from .schedule import chunk_bounds
 
@@ -290,33 +295,17 @@ def _node_shared_memory(comm, node, shard: int, device):
     return node.shared_memory.get(node.world * shard * 4)
 
 
-# Elements per rank in one piece of the pipelined @inter all-reduce: big enough that
-# a piece's fixed costs (node barriers, lane round trips) stay small, small enough
-# that a 64 MiB tensor makes several pieces to overlap.
-PIECE_ELEMENTS = 4 << 20
-
-
-def _pieces(n: int, local: int) -> list[tuple[int, int, int]]:
-    """(offset, count, shard) of each piece: ``count`` values of the tensor, ``shard`` per local rank."""
-    step = PIECE_ELEMENTS * local
-    out = []
-    for o in range(0, n, step):
-        c = min(step, n - o)
-        out.append((o, c, -(-c // local)))
-    return out
-
-
-def _two_level(comm, x, result, compressor, state, key, bound, node, lane, divisor: int) -> None:
+def _two_level(comm, x, result, compressor, state, key, bound, node, lane, divisor: int, layout) -> None:
     """``@inter``: node reduce-scatter, lane compression, node exchange of sums, piece by piece.
 
-    The tensor goes in pieces (``PIECE_ELEMENTS`` per rank). This thread runs each
+    The tensor goes in the plan's pieces (``layout.pieces``). This thread runs each
     piece's node steps; the lane communicator's worker runs its lane steps, so piece
     q's bytes cross the slow link while this thread reduce-scatters piece q+1 and
     shares piece q-1. Both orders are the same on every rank, and each piece's result
     depends on its bytes only, so the result does not depend on the timing.
     """
     local = node.world
-    pieces = _pieces(x.numel(), local)
+    pieces = layout.pieces
     if not pieces:
         return  # nothing to reduce: every rank skips alike
     p_lane = lane.world
@@ -388,13 +377,18 @@ def _finish_piece(intra, node, lane, compressor, result, divisor, job, node_sum,
 
 
 def all_reduce(comm, inp: torch.Tensor, out: torch.Tensor, spec: CompressionSpec, state: ErrorFeedback, key,
-               op: str, levels) -> None:
-    """The compressed all-reduce of ``inp`` into ``out`` over ``comm`` (see the module docstring)."""
+               op: str, layout: CompressedPlan, levels) -> None:
+    """The compressed all-reduce of ``inp`` into ``out`` over ``comm`` (see the module docstring),
+    as ``layout`` plans it: over ``levels`` (the node and lane groups) where it runs on two."""
+    if layout.two_level != (levels is not None):
+        raise ScheduleError(f"rank {comm.rank}: the compressed all-reduce's plan runs on "
+                            f"{'two levels' if layout.two_level else 'one'}, but the node and lane groups "
+                            f"{'do not exist' if levels is None else 'were given'}")
     with _Phase("call"):
-        _all_reduce(comm, inp, out, spec, state, key, op, levels)
+        _all_reduce(comm, inp, out, spec, state, key, op, layout, levels)
 
 
-def _all_reduce(comm, inp, out, spec, state, key, op, levels) -> None:
+def _all_reduce(comm, inp, out, spec, state, key, op, layout, levels) -> None:
     compressor = spec.compressor
     x = inp if inp.dtype == torch.float32 else inp.float()
     raising = comm.config.nan == "raise"
@@ -420,7 +414,7 @@ def _all_reduce(comm, inp, out, spec, state, key, op, levels) -> None:
             slot.own_clear = True
     else:
         node, lane = levels
-        _two_level(comm, x, result, compressor, state, key, bound, node, lane, divisor)
+        _two_level(comm, x, result, compressor, state, key, bound, node, lane, divisor, layout)
     if result.data_ptr() != out.data_ptr():
         out.copy_(result)
 

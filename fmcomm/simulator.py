@@ -190,24 +190,9 @@ def table(rows: list[SimRow], topo, title: str = "") -> str:
 
 def plot(rows: list[SimRow], topo, path: str) -> bool:
     """busbw against size, one line per algorithm, to a PNG; False (with a message) without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        import sys
-        print(f"--plot {path}: matplotlib is not installed (pip install matplotlib); no plot written", file=sys.stderr)
-        return False
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for algo in sorted({r.algo for r in rows}):
-        mine = [r for r in rows if r.algo == algo]
-        ax.plot([r.nbytes for r in mine], [r.busbw / 1e9 for r in mine], marker=".", label=algo)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("size (bytes)")
-    ax.set_ylabel("predicted busbw (GB/s)")
-    ax.set_title(f"{rows[0].collective} on {topo.name or 'topology'}: {topo.world} ranks, {topo.nodes} nodes")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return True
+    from .bench.report import line_plot
+    series: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        series.setdefault(r.algo, []).append((r.nbytes, r.busbw / 1e9))
+    return line_plot(series, path, f"{rows[0].collective} on {topo.name or 'topology'}: {topo.world} ranks, "
+                                   f"{topo.nodes} nodes", "predicted busbw (GB/s)")

@@ -26,6 +26,7 @@ from .. import api, compression
 from ..dtypes import DType, dtype_of
 from ..errors import FmcommError, UnsupportedError
 from .collectives import COLLECTIVES, Collective
+from .report import Progress, line_plot
 
 
 @dataclasses.dataclass
@@ -45,6 +46,7 @@ class BenchArgs:
     json_path: str | None = None
     # Compression specs (all_reduce only); "none" keeps the uncompressed rows of ``algos``.
     compress: tuple[str, ...] = ("none",)
+    plot: str | None = None  # busbw against size per implementation, to this PNG (needs matplotlib)
 
 
 @dataclasses.dataclass
@@ -195,6 +197,8 @@ def run_bench(a: BenchArgs, out=sys.stdout) -> list[Row]:
     rows: list[Row] = []
     if ctl.rank == 0:
         _print_header(a, world, dtype, out)
+    # A progress line (stderr) where the sweep is long enough to wait for: many sizes, or large ones.
+    progress = Progress(len(sizes(a)), ctl.rank == 0 and (len(sizes(a)) > 8 or a.max_bytes >= 64 << 20))
     for nbytes in sizes(a):
         count, in_numel, out_numel, shown = coll.shape(nbytes, dtype.itemsize, world)
         judge = None
@@ -237,14 +241,18 @@ def run_bench(a: BenchArgs, out=sys.stdout) -> list[Row]:
                         out_buf = torch.zeros(out_numel, dtype=pristine.dtype)
                         run.fresh(pristine.clone(), out_buf)
                         row.wrong[inplace] = ctl.maximum(judge(out_buf))
+        progress.step(f"{nbytes} B")
         for row in size_rows:
             rows.append(row)
             if ctl.rank == 0:
                 _print_row(row, coll, dtype, a.op, world, out)
                 if a.json_path:
                     _append_json(a, row, coll, dtype, world)
+    progress.close()
     if ctl.rank == 0:
         _print_summary(rows, coll, world, out, compressing)
+        if a.plot:
+            _plot(rows, coll, world, a.plot)
     api.finalize()
     import torch.distributed as dist
     if dist.is_initialized() and (created_pg or a.transport == "torch"):
@@ -258,6 +266,15 @@ _MPI_NAMES = {"all_reduce": "MPI_Allreduce", "reduce_scatter": "MPI_Reduce_scatt
 _TORCH_NAMES = {"all_reduce": "all_reduce", "reduce_scatter": "reduce_scatter_tensor",
                 "all_gather": "all_gather_into_tensor", "broadcast": "broadcast", "reduce": "reduce",
                 "all_to_all": "all_to_all_single"}
+
+
+def _plot(rows: list[Row], coll: Collective, world: int, path: str) -> bool:
+    series: dict[str, list[tuple[float, float]]] = {}
+    for row in rows:
+        if False in row.times_us or True in row.times_us:
+            inplace = False if False in row.times_us else True
+            series.setdefault(f"{row.impl} {row.algo}", []).append((row.nbytes, _bw(row, inplace, coll, world)[1]))
+    return line_plot(series, path, f"fmcomm bench {coll.name}: {world} ranks", "busbw (GB/s)")
 
 
 def _compressed_run(comm, spec, op: str):

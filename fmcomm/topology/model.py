@@ -148,16 +148,15 @@ class Topology:
         return self.ranks_on(self.node_of[rank]).index(rank)
 
     def fingerprint(self) -> str:
-        """A short name for this machine's shape, keying tuning tables: the ranks on each
-        node and what each node has (CPUs, sockets, NICs and their speeds, GPUs and the
-        links between them), not hostnames, so the same cluster gives the same
-        fingerprint from one job to the next."""
-        nodes = [len(self.ranks_on(n)) for n in sorted(set(self.node_of))]
-        facts = [(f.sockets, f.numa_nodes, f.cpus, sorted((x.speed_mbps for x in f.nics)),
-                  [(g.name, g.memory_mib) for g in f.gpus], [list(r) for r in f.gpu_paths])
-                 for f in self.node_facts]
-        text = json.dumps({"ranks_per_node": nodes, "node_facts": facts}, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        """A short name for the kind of machine this runs on, keying tuning tables: what
+        its nodes have (CPUs, sockets, NICs and their speeds, GPUs and the links between
+        them), each kind of node once. Not hostnames, and not how many nodes or ranks a
+        job takes: a table's rows say which layouts they hold for, so one table serves
+        every job on the machine."""
+        kinds = sorted({json.dumps([f.sockets, f.numa_nodes, f.cpus, sorted(x.speed_mbps for x in f.nics),
+                                    [[g.name, g.memory_mib] for g in f.gpus], [list(r) for r in f.gpu_paths]])
+                        for f in self.node_facts})
+        return hashlib.sha256(json.dumps(kinds).encode()).hexdigest()[:16]
 
     def groups(self) -> list[list[int]]:
         """The ranks of each node, nodes in order of their index, ranks in rank order."""

@@ -1,9 +1,9 @@
-"""The compressed all-reduce as a plan of phases the cost model prices.
+"""Pricing the compressed all-reduce's plan of phases.
 
-``fmcomm/compressed.py`` runs the compressed all-reduce as a procedure, not a
-schedule. This module describes the same steps as phases of messages and local work,
-so the cost model can price them. The description follows that module's docstring.
-For ``NAME@inter`` on N equal nodes of L ranks and n float32 elements:
+The plan (:mod:`fmcomm.algorithms.compressed_plan`) says which phases run over which
+groups; ``fmcomm/compressed.py`` runs them and this module prices them, phase by
+phase, as messages and local work. For ``NAME@inter`` on N equal nodes of L ranks and
+n float32 elements:
 
 1. ``intra reduce-scatter``: the registered ring reduce-scatter over each node's L
    ranks at full precision (each rank keeps a lane of n/L).
@@ -28,8 +28,7 @@ What the description leaves out: the executor pipelines the ``@inter`` path piec
 piece (each piece's lane steps overlap the next piece's intra-node step), and the
 two intra-node steps may go through /dev/shm instead of the transport. The plan
 prices the phases one after another, so it overestimates where pipelining hides
-time. The executor does not yet run this description; it is a model of what
-``compressed.py`` does.
+time.
 """
 from __future__ import annotations
 
@@ -38,11 +37,12 @@ import dataclasses
 import numpy as np
 
 from ..algorithms import all_gather as all_gather_algos
+from ..algorithms import compressed_plan
 from ..algorithms import reduce_scatter as reduce_scatter_algos
 from ..compression import parse
 from ..errors import InvalidArgument
 from ..topology.model import Topology
-from .cost import BUSBW_FACTOR, Estimate, Light, Representatives, _uniform, join, lighten, profile
+from .cost import BUSBW_FACTOR, Estimate, Light, Representatives, join, lighten, profile
 
 FLOAT32 = 4
 
@@ -70,15 +70,18 @@ def _local(schedule, rank_map: list[int], scale: int) -> Light:
 
 
 def price_compressed_all_reduce(topo: Topology, nbytes: int, compress: str) -> Estimate:
-    """Predicted time of ``all_reduce(..., compress=compress)`` of ``nbytes`` of float32 on ``topo``."""
+    """Predicted time of ``all_reduce(..., compress=compress)`` of ``nbytes`` of float32 on ``topo``.
+
+    Phase by phase of the plan the executor runs (:func:`fmcomm.algorithms.compressed_plan.plan`),
+    one after another: pieces and their overlap are left out (see the module docstring).
+    """
     spec = parse(compress)
     if not spec.enabled:
         raise InvalidArgument(f"compress={compress!r} compresses nothing; price the schedules instead")
     comp, rates = spec.compressor, topo.codec(spec.family)
-    per = _uniform(topo)
-    nodes = topo.nodes
-    inter = spec.level == "inter" and nodes > 1 and per is not None and per > 1
     n = nbytes // FLOAT32
+    layout = compressed_plan.plan(topo.node_of, spec.level == "inter", n)
+    inter, per, nodes = layout.two_level, layout.ranks_per_node, layout.nodes
     lanes, width = (per, nodes) if inter else (1, topo.world)  # lanes per node, ranks on a lane
     lane_ranks = (lambda local: [node * per + local for node in range(nodes)]) if inter else \
         (lambda local: list(range(topo.world)))
@@ -87,41 +90,48 @@ def price_compressed_all_reduce(topo: Topology, nbytes: int, compress: str) -> E
     members = list(topo.groups()[0])
     chunk = n // (lanes * width)
     payload = comp.payload_bytes(chunk)
+    encode, decode = rates.encode.value, rates.decode.value
     parts: list[Light] = []
-    rnd = 0
-    work: list[float] = []  # seconds of local work per round, every rank alike
-    if inter:  # 1. intra reduce-scatter at full precision
+    local_work = [0.0]  # seconds of coding work, every rank alike (the reductions are priced by the profile)
+
+    def intra_reduce_scatter(rnd: int) -> int:
         for local in members:
             parts.append(_shift_rounds(_local(reduce_scatter_algos.ring(local, per, n // per), members, FLOAT32),
                                        rnd, 0))
-        rs_rounds = per - 1
-        work += [0.0] * rs_rounds  # its reductions are in the light's work and priced by the profile
-        rnd += rs_rounds
-    encode, decode = rates.encode.value, rates.decode.value
-    # 2. coded exchange: encode the foreign chunks, send, decode-and-add, encode the sum
-    for me in members:
-        lane = lane_ranks(me % per if inter else 0)
-        parts.append(_messages(me, rnd, [r for r in lane if r != me], payload))
-    work.append(((width - 1) * chunk * FLOAT32) / encode + ((width - 1) * chunk * FLOAT32) / decode
-                + chunk * FLOAT32 / encode)
-    rnd += 1
-    # 3. the sums' payloads to every rank of the lane
-    for me in members:
-        lane = lane_ranks(me % per if inter else 0)
-        parts.append(_messages(me, rnd, [r for r in lane if r != me], payload))
-    work.append(0.0)
-    rnd += 1
-    if inter:  # 4. the lanes' payloads around the node
-        for local in members:
-            parts.append(_shift_rounds(_local(all_gather_algos.ring(local, per, width * payload), members, 1), rnd, 0))
-        ag_rounds = max(len(all_gather_algos.ring(0, per, width * payload).rounds), 0)
-        work += [0.0] * ag_rounds
-        rnd += ag_rounds
-    work.append(n * FLOAT32 / decode)  # 5. decode everything
-    rnd += 1
-    light = dataclasses.replace(join(parts), rounds=rnd)
-    reps = Representatives(light, f"plan of phases for {spec.text} (fmcomm.tuning.plans)", True)
+        return per - 1
+
+    def lane_round(rnd: int) -> int:  # exchange, and gather: one payload to each other rank of the lane
+        for me in members:
+            lane = lane_ranks(me % per if inter else 0)
+            parts.append(_messages(me, rnd, [r for r in lane if r != me], payload))
+        return 1
+
+    def local(seconds: float):
+        def run(rnd: int) -> int:
+            local_work[0] += seconds  # no messages: no round of its own
+            return 0
+        return run
+
+    def intra_all_gather(rnd: int) -> int:
+        for local_rank in members:
+            parts.append(_shift_rounds(_local(all_gather_algos.ring(local_rank, per, width * payload), members, 1),
+                                       rnd, 0))
+        return len(all_gather_algos.ring(0, per, width * payload).rounds)
+
+    foreign = (width - 1) * chunk * FLOAT32
+    pricers = {"intra_reduce_scatter": intra_reduce_scatter,
+               "encode": local(foreign / encode),
+               "exchange": lane_round,
+               "reduce_and_encode": local(foreign / decode + chunk * FLOAT32 / encode),
+               "gather": lane_round,
+               "intra_all_gather": intra_all_gather,
+               "decode": local(n * FLOAT32 / decode)}
+    rnd = 0
+    for phase in layout.phases:
+        rnd += pricers[phase.name](rnd)
+    light = dataclasses.replace(join(parts), rounds=max(rnd, 1))
+    reps = Representatives(light, f"plan of phases for {spec.text} (fmcomm.algorithms.compressed_plan)", True)
     prof = profile(reps, topo)
-    seconds = prof.seconds(1) + float(sum(work))
+    seconds = prof.seconds(1) + local_work[0]
     busbw = nbytes / seconds * BUSBW_FACTOR["all_reduce"](topo.world) if seconds > 0 else 0.0
     return Estimate("all_reduce", spec.text, nbytes, seconds, busbw, reps.method, True)

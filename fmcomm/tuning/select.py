@@ -152,16 +152,19 @@ def choose_compression(nbytes: int, max_error: float, topology, table: TuningTab
     (``fmcomm.tuning.plans``), its error the table's typical error for its family.
     Otherwise uncompressed: nothing says compression would pay.
     """
-    if table.compression:
-        sizes = sorted({m["bytes"] for m in table.compression})
+    world, nodes = len(topology.node_of), len(ranks_per_node(tuple(topology.node_of)))
+    # Measured on this layout (entries that name none hold for any).
+    here = [m for m in table.compression if m.get("world", world) == world and m.get("nodes", nodes) == nodes]
+    if here:
+        sizes = sorted({m["bytes"] for m in here})
         near = min(sizes, key=lambda s: (abs(_log_ratio(s, nbytes)), s))
-        at = [m for m in table.compression if m["bytes"] == near
+        at = [m for m in here if m["bytes"] == near
               and (m["spec"] == "none" or m["rel_error"] <= max_error)]
         if at:
             best = min(at, key=lambda m: (m["median_us"], m["spec"]))
             none = next((m for m in at if m["spec"] == "none"), None)
             versus = (f" against none {none['median_us']:.1f} us" if none is not None and best is not none else "")
-            first = next((s for s in sizes if _winner(table.compression, s, max_error) == best["spec"]), near)
+            first = next((s for s in sizes if _winner(here, s, max_error) == best["spec"]), near)
             return CompressionChoice(best["spec"], f"measured at {near} bytes: {best['spec']} {best['median_us']:.1f} us"
                                      f" (error {best['rel_error']:.2g}){versus}",
                                      first if best["spec"] != "none" else 0)

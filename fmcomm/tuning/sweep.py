@@ -19,7 +19,9 @@ that collective. It does not sweep blindly:
    still within noise are recorded as such.
 
 Adjacent sizes with the same winner merge into one row covering ``[first size, next
-winner's size)``; the smallest row starts at 0 and the largest is unbounded. Rows are
+winner's size)``; a size whose fastest is within the noise floor (``noise``) of the
+choice below it keeps that choice (noise must not cut the table into rows). The smallest row starts at 0 and
+the largest is unbounded. Rows are
 for this job's world size, node count, ranks per node and dtype: another layout or
 dtype falls through to the default table.
 """
@@ -28,13 +30,13 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import statistics
-import sys
 import time
 from typing import Any, Callable
 
 import torch
 
 from .. import __version__, algorithms, api
+from ..bench.report import Progress, line_plot
 from ..dtypes import dtype_of
 from ..errors import FmcommError, UnsupportedError
 from . import cost
@@ -53,6 +55,7 @@ class TuneArgs:
     dtype: str = "float32"
     transport: str = "mpi"
     out: str | None = None
+    plot: str | None = None  # time against size per candidate, the choice marked (PNG; needs matplotlib)
     warmup: int = 2
     first: int = 5        # samples of every candidate left after pruning
     more: int = 10        # further samples of the candidates still within noise of the best
@@ -101,6 +104,8 @@ class SizeResult:
     measured: list[Measured]
     pruned: dict[str, float]       # schedule -> predicted seconds, not measured
     within_noise: list[str]        # candidates indistinguishable from the choice
+    keeps: list[str] = dataclasses.field(default_factory=list)  # within the noise floor of the choice
+
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"bytes": self.nbytes, "choice": self.choice,
@@ -109,6 +114,8 @@ class SizeResult:
             out["pruned_by_cost_model"] = {k: round(v * 1e6, 2) for k, v in self.pruned.items()}
         if self.within_noise:
             out["within_noise"] = self.within_noise
+        if self.keeps:
+            out["within_noise_floor"] = self.keeps
         return out
 
 
@@ -118,33 +125,6 @@ def sizes(a: TuneArgs) -> list[int]:
         out.append(s)
         s *= max(2, a.factor)
     return out
-
-
-class _Progress:
-    """A progress bar with the time left on rank 0 (tqdm where installed, else a line per step)."""
-
-    def __init__(self, total: int, show: bool):
-        self.bar = None
-        self.show, self.total, self.done, self.t0 = show, total, 0, time.monotonic()
-        if show:
-            try:
-                from tqdm import tqdm
-                self.bar = tqdm(total=total, unit="size", file=sys.stderr, dynamic_ncols=True)
-            except ImportError:
-                pass
-
-    def step(self, what: str) -> None:
-        self.done += 1
-        if self.bar is not None:
-            self.bar.set_description(what)
-            self.bar.update(1)
-        elif self.show:
-            left = (time.monotonic() - self.t0) / self.done * (self.total - self.done)
-            print(f"[{self.done}/{self.total}] {what}, about {left:.0f} s left", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def _time(ctl, runs: list[Callable], bufs: list, warmup: int, iters: int, pristine: torch.Tensor,
@@ -214,7 +194,11 @@ def tune_size(ctl, comm, coll, a: TuneArgs, nbytes: int, topo) -> SizeResult | N
         live.sort(key=lambda m: m.median)
         best = live[0]
     within = [m.algo for m in live[1:] if close(best, m, a.noise)]
-    return SizeResult(shown, best.algo, live, pruned, within)
+    # Only a gap under the noise floor lets the size below's choice stand here (rows_of):
+    # wide spreads on a loaded machine would otherwise carry one choice across sizes
+    # where another measured clearly faster.
+    keeps = [m.algo for m in live[1:] if m.median - best.median <= a.noise * best.median]
+    return SizeResult(shown, best.algo, live, pruned, within, keeps)
 
 
 def tune_compression(ctl, comm, a: TuneArgs, nbytes: int, uncompressed: str, specs: list[str]) -> list[dict]:
@@ -243,7 +227,9 @@ def tune_compression(ctl, comm, a: TuneArgs, nbytes: int, uncompressed: str, spe
             runs[name].fresh(pristine.clone(), result)
         wire = stats.wire_bytes - sent
         error = ctl.maximum(_relative_error(exact, result))
+        layout = ranks_per_node(comm.topology.node_of)
         out.append({"spec": name if name == "none" else _canonical(name), "bytes": nbytes,
+                    "world": comm.world, "nodes": len(layout), "ranks_per_node": max(layout),
                     "median_us": round(m.median * 1e6, 2), "spread": round(m.spread, 4),
                     "samples": len(times), "rel_error": float(f"{error:.3g}"),
                     "wire_bytes": int(ctl.maximum(float(wire))) if wire or name != "none" else None,
@@ -262,19 +248,47 @@ def rows_of(collective: str, results: list[SizeResult], dtype: str, node_of: tup
     where = dict(dtypes=(dtype,), world=(len(node_of), len(node_of)), nodes=(len(layout), len(layout)),
                  ranks_per_node=(min(layout), max(layout)))
     rows: list[Row] = []
-    runs: list[list[SizeResult]] = []
+    runs: list[tuple[str, list[SizeResult]]] = []
     for r in results:
-        if runs and runs[-1][-1].choice == r.choice:
-            runs[-1].append(r)
+        # A size whose fastest is within the noise floor of the choice below it keeps that
+        # choice: noise alone must not cut the table into rows (or flip them from one tune
+        # to the next).
+        if runs and (runs[-1][0] == r.choice or runs[-1][0] in r.keeps):
+            runs[-1][1].append(r)
         else:
-            runs.append([r])
-    for i, run in enumerate(runs):
+            runs.append((r.choice, [r]))
+    for i, (choice, run) in enumerate(runs):
         lo = 0 if i == 0 else run[0].nbytes
-        hi = runs[i + 1][0].nbytes if i + 1 < len(runs) else None
-        measured = [r.to_json() for r in run]
-        rows.append(Row(collective, run[0].choice, lo, hi, note=f"fastest measured at "
-                        f"{', '.join(str(r.nbytes) for r in run)} bytes", measured=measured, **where))
+        hi = runs[i + 1][1][0].nbytes if i + 1 < len(runs) else None
+        kept = [r.nbytes for r in run if r.choice != choice]
+        note = f"fastest measured at {', '.join(str(r.nbytes) for r in run if r.choice == choice)} bytes" + (
+            f"; within noise of the fastest at {', '.join(map(str, kept))}" if kept else "")
+        rows.append(Row(collective, choice, lo, hi, note=note, measured=[r.to_json() for r in run], **where))
     return rows
+
+
+def _other_layouts(path: str, fingerprint: str, rows: list[Row], a: TuneArgs, world: int, nodes: int,
+                   measured_compression: bool) -> tuple[list[Row], list[dict]]:
+    """What a table already at ``path`` for this machine holds for other layouts (world
+    size, nodes, ranks per node, dtype) or other collectives: kept, so one table per
+    machine serves every job on it. A table of another machine, or one that does not
+    load, is replaced."""
+    import os
+    from .table import load
+    from ..errors import TuningFileError
+    if not os.path.exists(path):
+        return [], []
+    try:
+        old = load(path)
+    except TuningFileError:
+        return [], []
+    if old.fingerprint != fingerprint:
+        return [], []
+    mine = {(r.collective, r.dtypes, r.world, r.nodes, r.ranks_per_node) for r in rows}
+    kept = [r for r in old.rows if (r.collective, r.dtypes, r.world, r.nodes, r.ranks_per_node) not in mine]
+    same_layout = lambda m: m.get("world") == world and m.get("nodes") == nodes  # noqa: E731
+    compression = [m for m in old.compression if not (measured_compression and same_layout(m))]
+    return kept, compression
 
 
 def engine_version(transport: str) -> str:
@@ -301,7 +315,7 @@ def run_tune(a: TuneArgs) -> TuningTable | None:
         from ..topology.probe import probe
         topo = probe(comm.transport, topo, repeats=3, timeout=comm.config.timeout)
     steps = [(c, s) for c in a.collectives for s in sizes(a)]
-    progress = _Progress(len(steps), ctl.rank == 0)
+    progress = Progress(len(steps), ctl.rank == 0)
     results: dict[str, list[SizeResult]] = {c: [] for c in a.collectives}
     measured = full = 0
     for collective, nbytes in steps:
@@ -320,7 +334,7 @@ def run_tune(a: TuneArgs) -> TuningTable | None:
         specs = list(a.compress) if a.compress else candidate_specs(topo.node_of)
         chosen = {r.nbytes: r.choice for r in results["all_reduce"]}
         at = [n for n in sorted(chosen) if n >= a.compress_from]
-        progress = _Progress(len(at), ctl.rank == 0)
+        progress = Progress(len(at), ctl.rank == 0)
         for nbytes in at:
             compressed += tune_compression(ctl, comm, a, nbytes, chosen[nbytes], specs)
             measured += (1 + len(specs)) * a.first
@@ -338,12 +352,16 @@ def run_tune(a: TuneArgs) -> TuningTable | None:
                 "seconds": round(time.monotonic() - started, 1),
                 "settings": {k: v for k, v in dataclasses.asdict(a).items() if k not in ("out", "collectives")}}
         path = a.out or str(cache_path(fingerprint))
-        table = TuningTable(tuple(rows), f"fmcomm tune, {comm.world} ranks on {topo.nodes} node(s)", fingerprint,
-                            meta, tuple(compressed))
+        kept_rows, kept_compression = _other_layouts(path, fingerprint, rows, a, comm.world, topo.nodes,
+                                                     bool(compressed))
+        table = TuningTable(tuple(kept_rows + rows), f"fmcomm tune on this machine ({fingerprint})", fingerprint,
+                            meta, tuple(kept_compression + compressed))
         import os
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         table.dump(path)
         print(describe(table))
+        if a.plot:
+            plot(table, a.plot)
         print(f"{measured} timed calls against {full} for a full sweep of every candidate "
               f"({measured / max(full, 1):.0%}), {meta['seconds']} s; written: {path}")
     api.finalize()
@@ -379,3 +397,17 @@ def describe(table: TuningTable) -> str:
             lines.append(f"{'':<41}{m['bytes']:>10}  {m['spec']:<18}{m['median_us']:>12.1f}{m['rel_error']:>11.2g}"
                          f"{sent:>12}")
     return "\n".join(head + lines)
+
+
+def plot(table: TuningTable, path: str) -> bool:
+    """Time against size, one line per ``collective/algorithm`` measured, the chosen
+    candidate of each size ringed, to a PNG."""
+    series: dict[str, list[tuple[float, float]]] = {}
+    chosen = []
+    for row in table.rows:
+        for m in row.measured or []:
+            for algo, c in m["candidates"].items():
+                series.setdefault(f"{row.collective}/{algo}", []).append((m["bytes"], c["median_us"]))
+            chosen.append((m["bytes"], m["candidates"][m["choice"]]["median_us"]))
+    return line_plot(series, path, f"fmcomm tune: {table.source}", "time (us), slowest rank's median", chosen,
+                     "chosen", log_y=True)

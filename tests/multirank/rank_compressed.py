@@ -36,6 +36,7 @@ if ARGS.nodes:
 
 import fmcomm  # noqa: E402
 import fmcomm.compressed  # noqa: E402
+from fmcomm.algorithms import compressed_plan  # noqa: E402
 from fmcomm import compression  # noqa: E402
 from fmcomm.compression.base import round_up  # noqa: E402
 from fmcomm.compression.fp8 import FMAX  # noqa: E402
@@ -120,7 +121,7 @@ def residual_total(comm, state, key, level, n):
         # shard and its server residual the lane chunk it owns, piece after piece.
         node, lane = comm.levels()
         w_at = s_at = 0
-        for o, c, shard in fmcomm.compressed._pieces(n, node.world):
+        for o, c, shard in compressed_plan.pieces(n, node.world):
             full = torch.zeros(shard * node.world, dtype=torch.float64)
             base = node.rank * shard
             full[base:base + shard] += worker[w_at:w_at + shard]
@@ -176,7 +177,7 @@ def owned_worker_spans(comm, level, n):
         return [chunk_bounds(n, comm.world)[comm.rank]]
     node, lane = comm.levels()
     spans, w_at = [], 0
-    for _, _, shard in fmcomm.compressed._pieces(n, node.world):
+    for _, _, shard in compressed_plan.pieces(n, node.world):
         co, cc = chunk_bounds(shard, lane.world)[lane.rank]
         spans.append((w_at + co, cc))
         w_at += shard
@@ -187,7 +188,7 @@ def main():
     if ARGS.piece_elements:
         # Pieces of a few values, so that small tensors take the pipelined @inter
         # path with several pieces (and a padded last one).
-        fmcomm.compressed.PIECE_ELEMENTS = ARGS.piece_elements
+        compressed_plan.PIECE_ELEMENTS = ARGS.piece_elements
     comm = fmcomm.init(transport=ARGS.transport)
     rank, world = comm.rank, comm.world
     assert rank == RANK and world == WORLD
@@ -271,9 +272,14 @@ def main():
     if ARGS.piece_elements and comm.levels() is not None:
         n = 4 * ARGS.piece_elements * comm.levels()[0].world  # four whole pieces, not hundreds
     before = comm.executor.stats.inter_node_bytes
+    fmcomm.compressed.phase_seconds = {}  # the phases the executor timed: the plan's (bound agreement and waits aside)
     comm.all_reduce(make_input(rank, n, "traffic"), compress="fp8@inter")
+    timed = sorted(set(fmcomm.compressed.phase_seconds) - {"call", "agree", "lane_wait"})
+    fmcomm.compressed.phase_seconds = None
     report["traffic"] = {"inter_node_bytes": comm.executor.stats.inter_node_bytes - before, "count": n,
-                         "pieces": len(fmcomm.compressed._pieces(n, comm.levels()[0].world))
+                         "phases": timed,
+                         "plan_phases": sorted(compressed_plan.plan(comm.topology.node_of, True, n).phase_names),
+                         "pieces": len(compressed_plan.pieces(n, comm.levels()[0].world))
                          if comm.levels() is not None else 1}
     report_and_exit(ARGS, rank, report)
 

@@ -35,8 +35,8 @@ def main():
                 calls = comm.executor.stats.calls
                 fmcomm.all_reduce(t)
                 ran_schedule = comm.executor.stats.calls > calls
-                ok = (plan.algorithm == m["choice"] and plan.reason.startswith("tuning table")
-                      and ran_schedule == (m["choice"] != "native")
+                ok = (plan.algorithm == row["algorithm"] and plan.reason.startswith("tuning table")
+                      and ran_schedule == (row["algorithm"] != "native")
                       and bool((t == world * (world + 1) / 2).all()))
                 report[key] = {"ok": ok, "error": f"{plan} ran a schedule: {ran_schedule}"}
             except Exception:  # noqa: BLE001 - reported; the test fails on it

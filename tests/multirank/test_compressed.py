@@ -66,6 +66,8 @@ def test_compressed_all_reduce(world, transport, tmp_path):
                         out_dir=tmp_path, timeout=550, env={"FMCOMM_TIMEOUT": "120"})
     assert reports[0]["levels"] == (nodes > 1), "the @inter split should exist exactly where nodes are even"
     keys = check_reports(reports)
+    # The executor ran the phases of the plan the cost model prices (fmcomm.algorithms.compressed_plan).
+    assert all(r["traffic"]["phases"] == r["traffic"]["plan_phases"] for r in reports), reports[0]["traffic"]
     if nodes > 1:
         check_traffic(reports)
     assert len(keys) > 70

@@ -33,7 +33,8 @@ def test_tune_writes_a_table_that_auto_follows(tmp_path):
         for row in rows:
             for m in row.measured:
                 fastest = min(m["candidates"], key=lambda a: m["candidates"][a]["median_us"])
-                assert m["choice"] == row.algorithm == fastest
+                assert m["choice"] == fastest
+                assert row.algorithm == fastest or row.algorithm in m.get("within_noise_floor", [])
     assert "timed calls against" in proc.stdout and "written:" in proc.stdout
 
     reports = run_ranks(3, "rank_tune.py", "--table", str(written[0]), out_dir=tmp_path,

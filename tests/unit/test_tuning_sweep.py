@@ -30,6 +30,18 @@ def test_rows_merge_adjacent_winners_and_cover_every_size():
     assert [m["bytes"] for m in rows[0].measured] == [4, 64]
 
 
+def test_a_choice_within_noise_of_the_one_below_keeps_it():
+    noisy = SizeResult(1024, "ring", [Measured("ring", [1.0] * 5), Measured("native", [1.01] * 5)], {}, ["native"],
+                       ["native"])
+    rows = rows_of("all_reduce", [result(4, "native"), noisy, result(16384, "ring", "native")], "float32", (0, 0))
+    assert [(r.algorithm, r.min_bytes, r.max_bytes) for r in rows] == [("native", 0, 16384), ("ring", 16384, None)]
+    assert "within noise of the fastest at 1024" in rows[0].note
+    # Within the spreads but beyond the floor: the faster one takes the size.
+    spread = SizeResult(1024, "ring", [Measured("ring", [1.0] * 5), Measured("native", [1.2] * 5)], {}, ["native"])
+    rows = rows_of("all_reduce", [result(4, "native"), spread], "float32", (0, 0))
+    assert [r.algorithm for r in rows] == ["native", "ring"]
+
+
 def test_a_written_table_is_followed_for_its_layout_only(tmp_path):
     rows = rows_of("all_reduce", [result(4, "tree"), result(4096, "ring")], "float32", (0, 0, 0))
     path = tmp_path / "t.json"
@@ -42,3 +54,40 @@ def test_a_written_table_is_followed_for_its_layout_only(tmp_path):
     assert select(ask(100), four, table).algorithm == "native"  # another world size: the default table
     text = describe(table)
     assert "tree" in text and "ring (2.00)" in text
+
+
+def test_plots_need_matplotlib_and_say_so(tmp_path, monkeypatch, capsys):
+    import builtins
+    from fmcomm.bench.report import line_plot
+    real = builtins.__import__
+
+    def without_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", without_matplotlib)
+    assert line_plot({"a": [(1, 1.0)]}, str(tmp_path / "p.png"), "t", "y") is False
+    assert "pip install matplotlib" in capsys.readouterr().err and not (tmp_path / "p.png").exists()
+
+
+def test_the_tune_plot_draws_every_candidate(tmp_path):
+    import pytest
+    pytest.importorskip("matplotlib")
+    from fmcomm.tuning.sweep import plot
+    rows = rows_of("all_reduce", [result(4, "tree"), result(4096, "ring")], "float32", (0, 0))
+    assert plot(tables.TuningTable(tuple(rows), "test"), str(tmp_path / "t.png"))
+    assert (tmp_path / "t.png").stat().st_size > 1000
+
+
+def test_a_tune_keeps_what_the_machine_table_holds_for_other_layouts(tmp_path):
+    from fmcomm.tuning.sweep import TuneArgs, _other_layouts
+    two = rows_of("all_reduce", [result(4, "tree")], "float32", (0, 0))
+    four = rows_of("all_reduce", [result(4, "ring")], "float32", (0, 0, 0, 0))
+    measured = [{"spec": "none", "bytes": 65536, "median_us": 1.0, "rel_error": 0.0, "world": 2, "nodes": 1},
+                {"spec": "none", "bytes": 65536, "median_us": 2.0, "rel_error": 0.0, "world": 4, "nodes": 1}]
+    path = tmp_path / "t.json"
+    tables.TuningTable(tuple(two + four), "earlier", "fp", None, tuple(measured)).dump(path)
+    again = rows_of("all_reduce", [result(4, "native")], "float32", (0, 0, 0, 0))
+    rows, compression = _other_layouts(str(path), "fp", again, TuneArgs(), 4, 1, True)
+    assert rows == two and compression == measured[:1]          # world 4's are replaced
+    assert _other_layouts(str(path), "another machine", again, TuneArgs(), 4, 1, True) == ([], [])
