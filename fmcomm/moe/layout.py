@@ -1,4 +1,4 @@
-"""Where every routed token goes: validation, the count exchange, the exchange's layout.
+"""Where every routed token goes: validation, the agreement, the exchange's layout.
 
 Terms. A *slot* is one (token, k) pair of top-K routing: T tokens give T·K slots, in
 the order ``t·K + k``. A *row* is one slot's copy of its token on the wire. Experts are
@@ -8,7 +8,7 @@ rank, then by the destination's local expert); the receiver gets them grouped by
 rank, and hands its experts the rows grouped by local expert, sources in rank order.
 
 The agreement is the one collective before the tokens travel: a sum all-reduce of a
-[world, 6 + world] int64 matrix whose row r rank r fills (``Header`` fields below): its
+[world, 6 + world] int64 matrix whose row r rank r fills (the header fields below): its
 validation status, its ``num_experts``, hidden size, dtype and options, and how many
 rows it sends to each rank. Its size depends on nothing a rank could get wrong, so it
 always completes; afterwards every rank holds every rank's header and raises the same
@@ -16,7 +16,7 @@ error, naming the ranks at fault, before a token moves, and knows the whole rows
 matrix (the hierarchical route needs it for its intermediate steps, and ``auto`` must
 decide alike everywhere). How many of its rows a source sends to each of a
 destination's experts travels in-band, at the head of that source's message
-(``route.py``), as DeepEP sends its layout with the tokens: a second round of counts
+(``heads.py``), as DeepEP sends its layout with the tokens: a second round of counts
 would cost one more latency on every dispatch.
 """
 from __future__ import annotations
