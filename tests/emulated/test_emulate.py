@@ -282,3 +282,22 @@ def test_compressed_on_emulated_nodes(transport, tmp_path):
     assert reps[0]["node_of"] == [0, 0, 1, 1] and reps[0]["levels"]
     check_reports(reps)
     check_traffic(reps)
+
+
+@needs_netns
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("transport", ["mpi", "torch"])
+def test_moe_on_emulated_nodes(transport, tmp_path):
+    """MoE dispatch/combine, both routes, across 2 emulated nodes x 2 ranks found by
+    hostname (checked: two nodes, the hierarchical route taken): the checks of
+    tests/multirank/rank_moe.py (round trips bit for bit, fp8 within its bound, async,
+    validation on every rank)."""
+    sys.path.insert(0, str(ROOT / "tests" / "multirank"))
+    from test_moe import check_job
+    program = ROOT / "tests" / "multirank" / "rank_moe.py"
+    proc = run_emulate("--nodes", "2", "--per-node", "2", "--transport", transport, "--",
+                       sys.executable, str(program), "--out", str(tmp_path), "--transport", transport,
+                       "--nodes", "0", "--expect-nodes", "2", "--algos", "direct,hierarchical", timeout=170)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_job([json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)], "direct,hierarchical",
+              layer=False, world=4, extra=1)

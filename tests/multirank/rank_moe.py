@@ -1,8 +1,8 @@
 """fmcomm.moe dispatch and combine on this rank's world.
 
 ``--nodes K`` splits the ranks into K emulated nodes (FMCOMM_NODE_ID, set before fmcomm
-starts), so ``hierarchical`` runs its two-level route; ``--algos`` names the routes to
-run. Every rank runs every case and checks its own results against
+starts), so ``hierarchical`` runs its two-level route (``--nodes 0``: nodes from the
+hostnames, as tests/emulated runs it); ``--algos`` names the routes to run. Every rank runs every case and checks its own results against
 tests/multirank/moe_reference.py, which rebuilds every rank's inputs in this process:
 
 * round trip (identity experts, no weights, K = 1 and 2; random routing, everything
@@ -29,7 +29,7 @@ from common import launcher_rank_world, parse, report_and_exit, split_into_nodes
 
 RANK, WORLD = launcher_rank_world()
 ARGS = parse({"--nodes": {"type": int, "default": 1}, "--algos": {"default": "direct"},
-              "--layer": {"action": "store_true"}})
+              "--layer": {"action": "store_true"}, "--expect-nodes": {"type": int, "default": 0}})
 if ARGS.nodes:
     split_into_nodes(ARGS.nodes)
 
@@ -50,7 +50,12 @@ def main():
     comm = fmcomm.init(transport=ARGS.transport)
     world, rank = comm.world, comm.rank
     num_experts = 2 * world
+    # Emulated (--nodes K) or real nodes (--nodes 0: hostnames, tests/emulated): hierarchical
+    # runs its two steps wherever the ranks span several nodes of equal size.
+    several_nodes = comm.levels() is not None
     report = {}
+    if ARGS.expect_nodes:  # nodes found from hostnames: the routes above would pass on one node too
+        report["topology"] = {"ok": len(set(comm.topology.node_of)) == ARGS.expect_nodes and several_nodes}
 
     def case(key, fn):
         try:
@@ -71,7 +76,7 @@ def main():
                     got, handle = moe.dispatch(xs[rank], idxs[rank], num_experts, algo=algo)
                     want = expected_rows(rank, world, xs, idxs, num_experts)
                     back = moe.combine(got, handle)
-                    return (torch.equal(got, want) and handle.algo == (algo if ARGS.nodes > 1 else "direct")
+                    return (torch.equal(got, want) and handle.algo == (algo if several_nodes else "direct")
                             and sum(handle.tokens_per_expert) == want.shape[0]
                             and torch.equal(back, xs[rank] * k))
                 case(f"{algo}/round_trip/{kind}/k{k}", round_trip)

@@ -26,11 +26,16 @@ MATRIX_JOBS = tuple((world, transport, 1 if world == 3 else 2, "direct,hierarchi
 def run_job(world, transport, nodes, algos, layer, tmp_path):
     args = ["--transport", transport, "--nodes", str(nodes), "--algos", algos] + (["--layer"] if layer else [])
     reports = run_ranks(world, "rank_moe.py", *args, out_dir=tmp_path, timeout=280, env={"FMCOMM_TIMEOUT": "60"})
+    check_job(reports, algos, layer, world)
+
+
+def check_job(reports, algos, layer, world, extra=0):
+    """Every case passed on every rank, and every route ran every case: 6 round trips,
+    fp8, async (and the layer) per route, then the errors (tests/emulated uses this too)."""
     failures = case_failures(reports)
     assert not failures, "\n".join(failures[:10]) + f"\n({len(failures)} failures)"
-    # Every route ran every case: 6 round trips, fp8, async (and the layer) per route, then the errors.
     per_route = 8 + layer
-    assert len(reports[0]) == per_route * len(algos.split(",")) + (4 if world > 1 else 3)
+    assert len(reports[0]) == per_route * len(algos.split(",")) + (4 if world > 1 else 3) + extra
 
 
 @pytest.mark.timeout(300)
