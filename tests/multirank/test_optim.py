@@ -14,7 +14,8 @@ from conftest import case_failures, run_ranks
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("world", [2, 3, 4])
+# 2 (one node) and 4 (two nodes, @inter) by default; 3 with -m more_worlds.
+@pytest.mark.parametrize("world", [2, pytest.param(3, marks=pytest.mark.more_worlds), 4])
 def test_compressed_momentum_optimizers(world, tmp_path):
     nodes = ("--nodes", "2") if world == 4 else ()
     reports = run_ranks(world, "rank_optim.py", *nodes, out_dir=tmp_path, timeout=280, env={"FMCOMM_TIMEOUT": "120"})
