@@ -112,10 +112,7 @@ class Communicator:
             return table
         mine = tuning_table.digest(table)
         both = torch.tensor([mine, -mine], dtype=torch.int64)
-        req = self.transport.native_all_reduce(both, both, dtype_of("int64"), "max")
-        if not self.transport.wait([req], time.monotonic() + self.config.timeout):
-            raise CommTimeoutError("ranks did not compare their tuning tables within the timeout",
-                                   rank=self.rank, op="init")
+        self._engine_all_reduce(both, "max", "ranks did not compare their tuning tables", "init")
         if int(both[0]) != -int(both[1]):
             if self.rank == 0:
                 log.warning("ranks found different tuning tables (this rank: %s); every rank follows the default "
@@ -351,6 +348,13 @@ class Communicator:
                             (("counts", counts),), key, native_start=lambda: self.transport.native_all_to_all(
                                 inp, out, list(counts[self.rank]), recv_counts))
 
+    def _engine_all_reduce(self, t: torch.Tensor, op: str, what: str, during: str) -> None:
+        """``t`` (int64) reduced in place by the engine's own all-reduce, bounded by the timeout
+        (for small control exchanges outside the executor's sequence of calls)."""
+        req = self.transport.native_all_reduce(t, t, dtype_of("int64"), op)
+        if not self.transport.wait([req], time.monotonic() + self.config.timeout):
+            raise CommTimeoutError(f"{what} within the timeout", rank=self.rank, op=during)
+
     def _exchange_splits(self, send: list[int]) -> list[list[int]]:
         """Every rank's send counts (one row each), through the engine's all-reduce."""
         # The exchange is a collective: it must follow earlier async calls. Inside a call
@@ -360,10 +364,7 @@ class Communicator:
         m = torch.zeros(self.world * self.world, dtype=torch.int64)
         m[self.rank * self.world:(self.rank + 1) * self.world] = torch.tensor(send, dtype=torch.int64)
         if self.world > 1:
-            req = self.transport.native_all_reduce(m, m, dtype_of("int64"), "sum")
-            if not self.transport.wait([req], time.monotonic() + self.config.timeout):
-                raise CommTimeoutError("split sizes were not exchanged within the timeout",
-                                       rank=self.rank, op="all_to_all")
+            self._engine_all_reduce(m, "sum", "split sizes were not exchanged", "all_to_all")
         flat = m.tolist()
         return [flat[i * self.world:(i + 1) * self.world] for i in range(self.world)]
 

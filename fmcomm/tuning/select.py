@@ -21,6 +21,7 @@ rank choose alone. The order:
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional
 
 from ..algorithms import AUTO, NATIVE, names
@@ -95,12 +96,12 @@ def select(request: Request, topology, table: TuningTable) -> Plan:
                            f"no row of {table.source} covers it and the engine has no native {coll}")
 
 
-def by_cost(request: Request, topology, fallback: Plan) -> Plan | None:
-    """The schedule the cost model prices cheapest for ``request`` on ``topology``; None
-    where the topology has no figures or nothing could be priced. All-to-all is left
-    to the table: one request does not say how uneven its splits are."""
+def schedule_prices(request: Request, topology) -> dict[str, float]:
+    """Seconds the cost model predicts for each schedule of ``request``'s collective on
+    ``topology``; empty where the topology has no figures. All-to-all is left out: one
+    request does not say how uneven its splits are."""
     if not getattr(topology, "levels", None) or topology.kernels is None or request.collective == "all_to_all":
-        return None
+        return {}
     from . import cost
     itemsize = DTYPES[request.dtype].itemsize
     prices = {}
@@ -112,6 +113,13 @@ def by_cost(request: Request, topology, fallback: Plan) -> Plan | None:
                                       full_budget_s=0.0).seconds
         except (FmcommError, ValueError):
             continue  # a level without figures, or a schedule that does not apply here
+    return prices
+
+
+def by_cost(request: Request, topology, fallback: Plan) -> Plan | None:
+    """The schedule the cost model prices cheapest for ``request`` on ``topology``; None
+    where nothing could be priced (see :func:`schedule_prices`)."""
+    prices = schedule_prices(request, topology)
     if not prices:
         return None
     best = min(prices, key=lambda a: (prices[a], a))
@@ -158,13 +166,11 @@ def choose_compression(nbytes: int, max_error: float, topology, table: TuningTab
     if here:
         sizes = sorted({m["bytes"] for m in here})
         near = min(sizes, key=lambda s: (abs(_log_ratio(s, nbytes)), s))
-        at = [m for m in here if m["bytes"] == near
-              and (m["spec"] == "none" or m["rel_error"] <= max_error)]
-        if at:
-            best = min(at, key=lambda m: (m["median_us"], m["spec"]))
-            none = next((m for m in at if m["spec"] == "none"), None)
+        best = _fastest_within(here, near, max_error)
+        if best is not None:
+            none = next((m for m in here if m["bytes"] == near and m["spec"] == "none"), None)
             versus = (f" against none {none['median_us']:.1f} us" if none is not None and best is not none else "")
-            first = next((s for s in sizes if _winner(here, s, max_error) == best["spec"]), near)
+            first = next(s for s in sizes if _fastest_within(here, s, max_error)["spec"] == best["spec"])
             return CompressionChoice(best["spec"], f"measured at {near} bytes: {best['spec']} {best['median_us']:.1f} us"
                                      f" (error {best['rel_error']:.2g}){versus}",
                                      first if best["spec"] != "none" else 0)
@@ -172,8 +178,7 @@ def choose_compression(nbytes: int, max_error: float, topology, table: TuningTab
     if getattr(topology, "levels", None) and topology.kernels is not None and topology.codecs:
         from . import plans
         from .. import compression
-        uncompressed = by_cost(Request("all_reduce", nbytes, "float32", native=False), topology,
-                               Plan("all_reduce", "ring", "fallback"))
+        schedules = schedule_prices(Request("all_reduce", nbytes, "float32"), topology)
         prices = {}
         for spec in candidate_specs(topology.node_of):
             family = compression.parse(spec).family
@@ -184,10 +189,10 @@ def choose_compression(nbytes: int, max_error: float, topology, table: TuningTab
             except FmcommError:
                 continue
         where = f"cost model on {topology.name or 'this topology'}"
-        if uncompressed is None or not prices:
+        if not schedules or not prices:
             return CompressionChoice("none", f"{where}: no compressor within error {max_error:g} could be priced "
                                      f"(kernel rates for: {', '.join(c.family for c in topology.codecs)})")
-        none_s = _price_of(uncompressed, topology, nbytes)
+        none_s = min(schedules.values())  # uncompressed: the cheapest schedule
         best = min(prices, key=lambda k: (prices[k], k))
         if prices[best] < none_s:
             return CompressionChoice(best, f"{where}: {best} {prices[best] * 1e6:.1f} us predicted against none "
@@ -197,16 +202,11 @@ def choose_compression(nbytes: int, max_error: float, topology, table: TuningTab
     return CompressionChoice("none", "no measurement (fmcomm tune) and no machine figures: uncompressed")
 
 
-def _price_of(plan: Plan, topology, nbytes: int) -> float:
-    from . import cost
-    return cost.price("all_reduce", plan.algorithm, topology, nbytes, 4, full_budget_s=0.0).seconds
-
-
 def _log_ratio(a: int, b: int) -> float:
-    import math
     return math.log(max(a, 1) / max(b, 1))
 
 
-def _winner(measured, size: int, max_error: float) -> str | None:
+def _fastest_within(measured: list[dict], size: int, max_error: float) -> dict | None:
+    """The fastest measurement at ``size`` whose error fits (none always fits); None if none was measured there."""
     at = [m for m in measured if m["bytes"] == size and (m["spec"] == "none" or m["rel_error"] <= max_error)]
-    return min(at, key=lambda m: (m["median_us"], m["spec"]))["spec"] if at else None
+    return min(at, key=lambda m: (m["median_us"], m["spec"])) if at else None

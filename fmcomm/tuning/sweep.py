@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import os
 import statistics
 import time
 from typing import Any, Callable
@@ -273,7 +274,6 @@ def _other_layouts(path: str, fingerprint: str, rows: list[Row], a: TuneArgs, wo
     size, nodes, ranks per node, dtype) or other collectives: kept, so one table per
     machine serves every job on it. A table of another machine, or one that does not
     load, is replaced."""
-    import os
     from .table import load
     from ..errors import TuningFileError
     if not os.path.exists(path):
@@ -356,7 +356,6 @@ def run_tune(a: TuneArgs) -> TuningTable | None:
                                                      bool(compressed))
         table = TuningTable(tuple(kept_rows + rows), f"fmcomm tune on this machine ({fingerprint})", fingerprint,
                             meta, tuple(kept_compression + compressed))
-        import os
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         table.dump(path)
         print(describe(table))
